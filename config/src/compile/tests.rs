@@ -1,0 +1,241 @@
+use std::net::SocketAddr;
+
+use crate::{load, ConfigError, OutboundPolicy, Snapshot, SourceFile};
+
+const REGISTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  addresses: [10.96.0.10, "fd00:96::10"]
+  ports:
+  - {number: 9080, name: tcp-app, protocol: TCP, targetPort: 8080}
+  - {number: 9090, name: admin}
+  resolution: STATIC
+  endpoints:
+  - {address: 10.66.0.2, labels: {version: v1}}
+  - {address: 10.66.0.3, labels: {version: v2}, ports: {tcp-app: 8081}}
+  - {address: 10.66.0.4, labels: {version: v2}, weight: 3}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  addresses: [10.96.0.11]
+  ports: [{number: 9080, name: tcp}]
+  resolution: STATIC
+  endpoints: [{address: 10.66.0.9}]
+"#;
+
+fn snapshot(extra: &str) -> Result<Snapshot, Vec<String>> {
+    load(&[
+        SourceFile::new("registry.yaml", REGISTRY),
+        SourceFile::new("routes.yaml", extra),
+    ])
+    .map_err(|e| e.issues())
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn registry_is_indexed_by_vip_and_port() {
+    let snap = snapshot("").unwrap();
+    let (service, port) = snap.service_port(addr("10.96.0.10:9080")).unwrap();
+    assert_eq!(service.host(), "reviews.shop.svc.cluster.local");
+    assert_eq!(port.name, "tcp-app");
+    assert!(snap.service_port(addr("[fd00:96::10]:9090")).is_some());
+    assert!(snap.service_port(addr("10.96.0.10:1234")).is_none());
+    assert!(snap.service_port(addr("10.66.0.2:8080")).is_none());
+    // The implicit route sends to every endpoint, on each endpoint's port for this service port.
+    let cluster = &port.routes.last().unwrap().destinations[0].cluster;
+    assert_eq!(
+        cluster.name,
+        "outbound|9080||reviews.shop.svc.cluster.local"
+    );
+    let eps: Vec<String> = cluster
+        .endpoints
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect();
+    assert_eq!(eps, ["10.66.0.2:8080", "10.66.0.3:8081", "10.66.0.4:8080"]);
+    assert_eq!(cluster.endpoints[2].weight, 3);
+    assert_eq!(snap.outbound_policy(), OutboundPolicy::AllowAny);
+}
+
+#[test]
+fn tcp_routes_with_subsets_and_weights() {
+    let snap = snapshot(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp:
+  - match: [{port: 9090}]
+    route: [{destination: {host: ratings, port: {number: 9080}}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v2}, weight: 20}
+"#,
+    )
+    .unwrap();
+    let (_, app) = snap.service_port(addr("10.96.0.10:9080")).unwrap();
+    assert_eq!(app.routes.len(), 2, "the 9090 route does not apply to 9080");
+    let split = &app.routes[0];
+    assert_eq!(split.virtual_service.as_deref(), Some("shop/reviews"));
+    assert_eq!(split.destinations[0].weight, 80);
+    assert_eq!(
+        split.destinations[0].cluster.name,
+        "outbound|9080|v1|reviews.shop.svc.cluster.local"
+    );
+    assert_eq!(split.destinations[0].cluster.endpoints.len(), 1);
+    assert_eq!(split.destinations[1].cluster.endpoints.len(), 2);
+    let (_, admin) = snap.service_port(addr("10.96.0.10:9090")).unwrap();
+    assert_eq!(admin.routes.len(), 3);
+    assert!(admin.routes[0].accepts(addr("10.96.0.10:9090")));
+    assert_eq!(
+        admin.routes[0].destinations[0].cluster.endpoints[0].addr,
+        addr("10.66.0.9:9080")
+    );
+}
+
+#[test]
+fn cross_references_are_validated() {
+    let issues = snapshot(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad, namespace: shop}
+spec:
+  hosts: [nowhere]
+  tcp:
+  - route:
+    - {destination: {host: reviews, subset: v9}, weight: 50}
+    - {destination: {host: reviews, port: {number: 1}}, weight: 30}
+"#,
+    )
+    .unwrap_err();
+    let all = issues.join("\n");
+    assert!(
+        all.contains("spec.hosts[0]: unknown host `nowhere.shop.svc.cluster.local`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("spec.tcp[0].route[0].destination.subset: no DestinationRule"),
+        "{all}"
+    );
+    assert!(all.contains("spec.tcp[0].route[1].destination.port.number: `reviews.shop.svc.cluster.local` has no port 1"), "{all}");
+    assert!(all.contains("weights add up to 80"), "{all}");
+    assert!(
+        issues
+            .iter()
+            .all(|i| i.starts_with("routes.yaml: VirtualService shop/bad")),
+        "{all}"
+    );
+}
+
+#[test]
+fn registry_conflicts_are_rejected() {
+    let issues = snapshot(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: clash, namespace: shop}
+spec:
+  hosts: [reviews]
+  addresses: [10.96.0.11, 10.0.0.0/8]
+  ports: [{number: 9080, name: a}, {number: 70000, name: a}]
+  resolution: DNS
+  endpoints: [{address: nope, ports: {b: 1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec: {hosts: [other]}
+"#,
+    )
+    .unwrap_err();
+    let all = issues.join("\n");
+    for want in [
+        "spec.addresses[1]: CIDR ranges are not implemented yet",
+        "spec.ports[1].number: 70000 is not a port number",
+        "spec.resolution: DNS resolution is not implemented yet",
+        "spec.endpoints[0].address: `nope` is not an IP address",
+        "ServiceEntry shop/reviews: metadata.name: duplicate name (also defined in registry.yaml)",
+    ] {
+        assert!(all.contains(want), "missing {want:?} in\n{all}");
+    }
+}
+
+#[test]
+fn duplicate_hosts_and_addresses_are_rejected() {
+    let issues = snapshot(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dup, namespace: shop}
+spec:
+  hosts: [ratings]
+  addresses: [10.96.0.10]
+  ports: [{number: 9080, name: tcp}]
+"#,
+    )
+    .unwrap_err();
+    let all = issues.join("\n");
+    assert!(
+        all.contains("host `ratings.shop.svc.cluster.local` is declared by another"),
+        "{all}"
+    );
+    assert!(
+        all.contains("10.96.0.10:9080 is already the address of"),
+        "{all}"
+    );
+}
+
+#[test]
+fn sidecar_sets_registry_only() {
+    let snap = snapshot(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default}\n\
+         spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n",
+    )
+    .unwrap();
+    assert_eq!(snap.outbound_policy(), OutboundPolicy::RegistryOnly);
+}
+
+#[test]
+fn empty_config_is_valid_and_versioned() {
+    let snap = load(&[]).unwrap();
+    assert!(snap.services().is_empty());
+    assert_eq!(snap.version(), Snapshot::empty().version());
+    let a = snapshot("").unwrap();
+    let b = snapshot("# a comment changes the version\n").unwrap();
+    assert_ne!(a.version(), b.version());
+    assert!(matches!(
+        load(&[SourceFile::new("x.yaml", "kind: [")]),
+        Err(ConfigError::Invalid(_))
+    ));
+}
+
+#[test]
+fn dump_shows_routes_and_endpoints() {
+    let snap = snapshot("").unwrap();
+    let dump = snap.dump();
+    assert_eq!(
+        dump["services"][0]["ports"][0]["routes"][0]["route"][0]["endpoints"][1],
+        "10.66.0.3:8081"
+    );
+}

@@ -1,0 +1,33 @@
+//! isthmus-config: the config model shared by the proxy and the controller.
+//!
+//! Users and the controller write Istio API documents (ServiceEntry, VirtualService,
+//! DestinationRule, Sidecar); this crate parses them strictly ([`parse`]), validates and
+//! compiles them ([`compile`]) into an immutable, pre-indexed [`Snapshot`] that the data path
+//! reads without locks. Nothing here touches the network; the only I/O is [`source`], which
+//! reads a ConfigMap directory the way kubelet lays it out.
+
+pub mod compile;
+pub mod error;
+pub mod net;
+pub mod parse;
+pub mod snapshot;
+pub mod source;
+pub mod wire;
+
+pub use compile::compile;
+pub use error::{ConfigError, Issue};
+pub use net::IpNet;
+pub use snapshot::{
+    Cluster, Endpoint, L4Match, OutboundPolicy, Protocol, Service, ServicePort, Snapshot, TcpRoute,
+    WeightedCluster,
+};
+pub use source::SourceFile;
+
+/// The DNS suffix short host names are qualified with, as in a default Kubernetes cluster.
+pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
+
+/// Parses, validates and compiles a set of config files into a snapshot.
+pub fn load(files: &[SourceFile]) -> Result<Snapshot, ConfigError> {
+    let documents = parse::parse_files(files)?;
+    compile(documents, source::version_of(files))
+}

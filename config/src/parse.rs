@@ -1,0 +1,315 @@
+//! Strict parsing: YAML text → typed Istio documents. Each document is read into a generic
+//! tree first so that the kind can be checked before the spec, and so that a field error can
+//! name its path (`spec.tcp[0].route[0].weight`).
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{ConfigError, Issue};
+use crate::source::SourceFile;
+use crate::wire::{
+    DestinationRuleSpec, Metadata, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec,
+};
+
+/// A parsed document and where it came from.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub file: String,
+    pub kind: &'static str,
+    pub metadata: Metadata,
+    pub resource: Resource,
+}
+
+#[derive(Debug, Clone)]
+pub enum Resource {
+    ServiceEntry(ServiceEntrySpec),
+    VirtualService(VirtualServiceSpec),
+    DestinationRule(DestinationRuleSpec),
+    Sidecar(SidecarSpec),
+}
+
+impl Document {
+    /// `file.yaml: VirtualService default/reviews`: how every issue names its document.
+    pub fn location(&self) -> String {
+        format!(
+            "{}: {} {}/{}",
+            self.file,
+            self.kind,
+            self.namespace(),
+            self.metadata.name
+        )
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+const NETWORKING: &str = "networking.istio.io";
+const NETWORKING_VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+
+/// Fields users will reach for that are known Istio API but not implemented yet: the error
+/// says so instead of only "unknown field".
+const NOT_YET: &[(&str, &str)] = &[
+    ("http", "HTTP routes arrive with HTTP traffic management"),
+    ("tls", "TLS routes arrive with mTLS"),
+    (
+        "trafficPolicy",
+        "traffic policies arrive with HTTP traffic management and mTLS",
+    ),
+    (
+        "exportTo",
+        "scoping is done by the controller; exportTo is not implemented yet",
+    ),
+    ("gateways", "gateways are not part of isthmus"),
+    (
+        "workloadSelector",
+        "workloadSelector is not implemented yet",
+    ),
+    (
+        "sourceLabels",
+        "sourceLabels matches are not implemented yet",
+    ),
+    ("egress", "Sidecar egress scoping is not implemented yet"),
+    (
+        "ingress",
+        "Sidecar ingress listeners are not implemented yet",
+    ),
+];
+
+/// Kinds that belong to later milestones: named, so the error is not a puzzle.
+const KINDS_NOT_YET: &[(&str, &str)] = &[
+    ("PeerAuthentication", "arrives with mTLS"),
+    ("AuthorizationPolicy", "arrives with authorization"),
+    ("RequestAuthentication", "is not implemented"),
+    ("Gateway", "is not part of isthmus (no ingress gateway)"),
+    (
+        "WorkloadEntry",
+        "is not implemented; use ServiceEntry endpoints",
+    ),
+    ("WorkloadGroup", "is not implemented"),
+    (
+        "EnvoyFilter",
+        "will never be implemented (there is no Envoy)",
+    ),
+    ("Telemetry", "is not implemented yet"),
+    ("ProxyConfig", "is not implemented yet"),
+];
+
+/// Parses every file; collects every issue rather than stopping at the first.
+pub fn parse_files(files: &[SourceFile]) -> Result<Vec<Document>, ConfigError> {
+    let mut documents = Vec::new();
+    let mut issues = Vec::new();
+    for file in files {
+        parse_file(file, &mut documents, &mut issues);
+    }
+    if issues.is_empty() {
+        Ok(documents)
+    } else {
+        Err(ConfigError::Invalid(issues))
+    }
+}
+
+fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
+    let values: Vec<Value> = match serde_saphyr::from_multiple(&file.text) {
+        Ok(values) => values,
+        Err(e) => {
+            issues.push(Issue {
+                location: file.name.clone(),
+                field: String::new(),
+                message: format!("invalid YAML: {}", first_line(&e.to_string())),
+            });
+            return;
+        }
+    };
+    for (index, value) in values.into_iter().enumerate() {
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        let location = format!("{}: document {}", file.name, index + 1);
+        match parse_document(&file.name, value) {
+            Ok(doc) => out.push(doc),
+            Err((field, message)) => issues.push(Issue {
+                location,
+                field,
+                message,
+            }),
+        }
+    }
+}
+
+type FieldError = (String, String);
+
+fn parse_document(file: &str, value: Value) -> Result<Document, FieldError> {
+    let Value::Object(mut map) = value else {
+        return Err((String::new(), "a document must be a mapping".into()));
+    };
+    let api_version = take_string(&mut map, "apiVersion")?;
+    let kind = take_string(&mut map, "kind")?;
+    let metadata: Metadata = typed("metadata", map.remove("metadata").unwrap_or(Value::Null))?;
+    let spec = map.remove("spec").unwrap_or(Value::Null);
+    map.remove("status"); // copied from a cluster: harmless, never read
+    if let Some(key) = map.keys().next() {
+        return Err((key.clone(), "unknown top-level field".into()));
+    }
+    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+    let named = |k: &'static str| -> Result<&'static str, FieldError> {
+        if group != NETWORKING || !NETWORKING_VERSIONS.contains(&version) {
+            return Err((
+                "apiVersion".into(),
+                format!("{k} must be {NETWORKING}/v1 (or v1beta1, v1alpha3), got `{api_version}`"),
+            ));
+        }
+        Ok(k)
+    };
+    let (kind, resource) = match kind.as_str() {
+        "ServiceEntry" => (
+            named("ServiceEntry")?,
+            Resource::ServiceEntry(typed("spec", spec)?),
+        ),
+        "VirtualService" => (
+            named("VirtualService")?,
+            Resource::VirtualService(typed("spec", spec)?),
+        ),
+        "DestinationRule" => (
+            named("DestinationRule")?,
+            Resource::DestinationRule(typed("spec", spec)?),
+        ),
+        "Sidecar" => (named("Sidecar")?, Resource::Sidecar(typed("spec", spec)?)),
+        other => {
+            let why = KINDS_NOT_YET
+                .iter()
+                .find(|(k, _)| *k == other)
+                .map(|(_, why)| format!("kind `{other}` {why}"))
+                .unwrap_or_else(|| {
+                    format!(
+                        "unknown kind `{other}`: expected ServiceEntry, VirtualService, \
+                         DestinationRule or Sidecar"
+                    )
+                });
+            return Err(("kind".into(), why));
+        }
+    };
+    if metadata.name.is_empty() {
+        return Err(("metadata.name".into(), "must not be empty".into()));
+    }
+    Ok(Document {
+        file: file.to_string(),
+        kind,
+        metadata,
+        resource,
+    })
+}
+
+fn take_string(map: &mut serde_json::Map<String, Value>, key: &str) -> Result<String, FieldError> {
+    match map.remove(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err((key.into(), "must be a string".into())),
+        None => Err((key.into(), "is required".into())),
+    }
+}
+
+/// Deserializes `value` as `T`, reporting the full path of the first bad field.
+fn typed<T: DeserializeOwned>(root: &str, value: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." {
+            root.to_string()
+        } else {
+            format!("{root}.{inner}")
+        };
+        let message = e.inner().to_string();
+        (path, explain(&message))
+    })
+}
+
+/// Adds "not implemented yet" context to serde's unknown-field message when the field is real
+/// Istio API that isthmus has not built yet.
+fn explain(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, _)) = rest.split_once('`') {
+            if let Some((_, why)) = NOT_YET.iter().find(|(f, _)| *f == field) {
+                return format!("field `{field}` is not supported: {why}");
+            }
+        }
+    }
+    message.to_string()
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Document>, Vec<String>> {
+        parse_files(&[SourceFile::new("mesh.yaml", text)]).map_err(|e| e.issues())
+    }
+
+    #[test]
+    fn parses_multi_document_files() {
+        let docs = parse(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a, namespace: shop}\n\
+             spec: {hosts: [a.shop.svc.cluster.local], ports: [{number: 80, name: http}]}\n---\n\
+             apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: b}\n\
+             spec: {host: a, subsets: [{name: v1, labels: {version: v1}}]}\n---\n",
+        )
+        .unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].location(), "mesh.yaml: ServiceEntry shop/a");
+        assert_eq!(docs[1].namespace(), "default");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let err = parse(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n\
+             spec: {hosts: [a], tcp: [{route: [{destination: {host: a}, weigth: 5}]}]}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert!(
+            err[0].starts_with("mesh.yaml: document 1: spec.tcp[0].route[0]"),
+            "{err:?}"
+        );
+        assert!(err[0].contains("unknown field `weigth`"), "{err:?}");
+    }
+
+    #[test]
+    fn not_yet_implemented_fields_and_kinds_say_so() {
+        let err = parse(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n\
+             spec: {hosts: [a], http: []}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 2, "{err:?}");
+        assert!(
+            err[0].contains("`http` is not supported: HTTP routes arrive"),
+            "{err:?}"
+        );
+        assert!(err[1].contains("document 2: kind: kind `PeerAuthentication` arrives with mTLS"));
+    }
+
+    #[test]
+    fn garbage_is_rejected_clearly() {
+        let err = parse("{ this is: [not yaml").unwrap_err();
+        assert!(err[0].starts_with("mesh.yaml: invalid YAML"), "{err:?}");
+        let err = parse("- a\n- b\n").unwrap_err();
+        assert!(err[0].contains("a document must be a mapping"), "{err:?}");
+        let err = parse("kind: ServiceEntry\nmetadata: {name: a}\n").unwrap_err();
+        assert!(err[0].contains("apiVersion: is required"), "{err:?}");
+        let err = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n").unwrap_err();
+        assert!(err[0].contains("unknown kind `ConfigMap`"), "{err:?}");
+        let err = parse("apiVersion: v1\nkind: ServiceEntry\nmetadata: {name: a}\n").unwrap_err();
+        assert!(err[0].contains("apiVersion: ServiceEntry must be networking.istio.io/v1"));
+    }
+
+    #[test]
+    fn empty_input_is_no_documents() {
+        assert!(parse("").unwrap().is_empty());
+        assert!(parse("---\n").unwrap().is_empty());
+    }
+}

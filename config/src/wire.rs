@@ -1,0 +1,193 @@
+//! The wire model: Istio API documents as users write them (`networking.istio.io` field names,
+//! camelCase). Every struct denies unknown fields: a field we do not implement is an error, never
+//! silently ignored. Fields listed here are implemented; see `docs/CONFIG.md`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// Kubernetes object metadata. Bookkeeping fields that `kubectl get -o yaml` emits are
+/// accepted so that objects copied from a cluster load unchanged.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, rename = "creationTimestamp")]
+    pub _creation_timestamp: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "resourceVersion")]
+    pub _resource_version: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "uid")]
+    pub _uid: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "generation")]
+    pub _generation: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "managedFields")]
+    pub _managed_fields: Option<serde::de::IgnoredAny>,
+}
+
+// ---------------------------------------------------------------- ServiceEntry
+
+/// `networking.istio.io/v1` ServiceEntry: the service registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub location: Option<Location>,
+    #[serde(default)]
+    pub resolution: Option<Resolution>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Location {
+    #[serde(rename = "MESH_EXTERNAL")]
+    MeshExternal,
+    #[serde(rename = "MESH_INTERNAL")]
+    MeshInternal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Resolution {
+    #[serde(rename = "NONE")]
+    None,
+    #[serde(rename = "STATIC")]
+    Static,
+    #[serde(rename = "DNS")]
+    Dns,
+    #[serde(rename = "DNS_ROUND_ROBIN")]
+    DnsRoundRobin,
+}
+
+/// An inline endpoint (Istio's WorkloadEntry spec).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    pub address: String,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+// ---------------------------------------------------------------- VirtualService
+
+/// `networking.istio.io/v1` VirtualService. Only `tcp` routes for now; `http` and `tls` arrive
+/// with HTTP routing and are rejected until then.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4MatchAttributes>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct L4MatchAttributes {
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+// ---------------------------------------------------------------- DestinationRule
+
+/// `networking.istio.io/v1` DestinationRule: subsets for now; `trafficPolicy` arrives with
+/// HTTP traffic management and mTLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+// ---------------------------------------------------------------- Sidecar
+
+/// `networking.istio.io/v1` Sidecar: only the outbound traffic policy for now.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarSpec {
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    pub mode: OutboundMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OutboundMode {
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
