@@ -91,7 +91,9 @@ impl Exec for SystemExec {
 /// knows what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{bin} not found: install iptables in the init image (Debian: apt-get install iptables)")]
+    #[error(
+        "{bin} not found: install iptables in the init image (Debian: apt-get install iptables)"
+    )]
     NotFound { bin: String },
     #[error("{bin} was refused access to the nat table: is NET_ADMIN granted to the init container? ({stderr})")]
     PermissionDenied { bin: String, stderr: String },
@@ -256,7 +258,12 @@ fn install_family(
     family: Family,
 ) -> Result<(), ApplyError> {
     let existing = parse_existing(&save_nat(exec, backend, family)?);
-    restore(exec, backend, family, &install_rules(plan, family, &existing))?;
+    restore(
+        exec,
+        backend,
+        family,
+        &install_rules(plan, family, &existing),
+    )?;
     let after = save_nat(exec, backend, family)?;
     verify_installed(plan, family, &after).map_err(|source| ApplyError::Verify {
         family,
@@ -320,9 +327,9 @@ fn for_families(
                 reason: e.to_string(),
             })
         }
-        Err(e) => report
-            .warnings
-            .push(format!("skipping IPv6 (pass --require-ipv6 to make this fatal): {e}")),
+        Err(e) => report.warnings.push(format!(
+            "skipping IPv6 (pass --require-ipv6 to make this fatal): {e}"
+        )),
     }
     Ok(report)
 }
@@ -335,7 +342,9 @@ pub fn install(exec: &dyn Exec, plan: &Plan, opts: &Options) -> Result<Report, A
 }
 
 /// Removes everything [`install`] added, in both families. Idempotent: with
-/// nothing installed it runs no restore at all.
+/// nothing installed it runs no restore at all. With `auto`, detection finds
+/// the backend holding our rules (they add to its count); a backend forced at
+/// install time must be forced again here.
 pub fn cleanup(exec: &dyn Exec, opts: &Options) -> Result<Report, ApplyError> {
     for_families(exec, opts, |backend, family| {
         cleanup_family(exec, backend, family)
@@ -450,14 +459,22 @@ mod tests {
             &out("iptables-nft-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)"),
         );
         assert!(matches!(e, ApplyError::PermissionDenied { .. }));
-        assert!(e.to_string().contains("is NET_ADMIN granted to the init container?"));
+        assert!(e
+            .to_string()
+            .contains("is NET_ADMIN granted to the init container?"));
         assert!(e.to_string().contains("you must be root"));
         assert!(matches!(
-            classify_failure("x", &out("iptables v1.8: can't initialize iptables table `nat': Permission denied")),
+            classify_failure(
+                "x",
+                &out("iptables v1.8: can't initialize iptables table `nat': Permission denied")
+            ),
             ApplyError::PermissionDenied { .. }
         ));
         assert!(matches!(
-            classify_failure("x", &out("Fatal: can't open lock file /run/xtables.lock: Permission denied")),
+            classify_failure(
+                "x",
+                &out("Fatal: can't open lock file /run/xtables.lock: Permission denied")
+            ),
             ApplyError::PermissionDenied { .. }
         ));
         assert!(matches!(
@@ -465,7 +482,10 @@ mod tests {
             ApplyError::TableUnavailable { .. }
         ));
         let e = classify_failure("x", &out("iptables-restore: line 5 failed"));
-        assert_eq!(e.to_string(), "x failed (exit code 4): iptables-restore: line 5 failed");
+        assert_eq!(
+            e.to_string(),
+            "x failed (exit code 4): iptables-restore: line 5 failed"
+        );
     }
 
     #[test]
@@ -496,7 +516,8 @@ mod tests {
 
     #[test]
     fn v4_failure_is_fatal() {
-        let fake = Fake::default().fail("iptables-nft-save", "Permission denied (you must be root)");
+        let fake =
+            Fake::default().fail("iptables-nft-save", "Permission denied (you must be root)");
         let opts = Options {
             backend: BackendChoice::Fixed(Backend::Nft),
             require_ipv6: false,
@@ -544,7 +565,11 @@ mod tests {
         };
         let report = install(&fake, &Plan::default(), &opts).unwrap();
         assert_eq!(report.families, vec![Family::V4]);
-        assert!(fake.calls.borrow().iter().all(|c| !c.starts_with("ip6tables")));
+        assert!(fake
+            .calls
+            .borrow()
+            .iter()
+            .all(|c| !c.starts_with("ip6tables")));
     }
 
     #[test]
@@ -562,7 +587,16 @@ mod tests {
             require_ipv6: false,
         };
         let e = install(&fake, &Plan::default(), &opts).unwrap_err();
-        assert!(matches!(e, ApplyError::Verify { family: Family::V6, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ApplyError::Verify {
+                    family: Family::V6,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -587,7 +621,10 @@ mod tests {
         let fake = Fake::default()
             .fail("iptables-nft-save", "Permission denied (you must be root)")
             .fail("ip6tables-nft-save", "Permission denied (you must be root)")
-            .fail("iptables-legacy-save", "Permission denied (you must be root)");
+            .fail(
+                "iptables-legacy-save",
+                "Permission denied (you must be root)",
+            );
         let text = dry_run(&fake, &Plan::default(), BackendChoice::Auto, false);
         let v4 = install_rules(&Plan::default(), Family::V4, &Existing::default());
         let v6 = install_rules(&Plan::default(), Family::V6, &Existing::default());

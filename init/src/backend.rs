@@ -102,7 +102,10 @@ mod tests {
     #[test]
     fn binary_names() {
         assert_eq!(Backend::Nft.restore_bin(Family::V4), "iptables-nft-restore");
-        assert_eq!(Backend::Nft.restore_bin(Family::V6), "ip6tables-nft-restore");
+        assert_eq!(
+            Backend::Nft.restore_bin(Family::V6),
+            "ip6tables-nft-restore"
+        );
         assert_eq!(Backend::Nft.save_bin(Family::V6), "ip6tables-nft-save");
         assert_eq!(
             Backend::Legacy.restore_bin(Family::V4),
@@ -119,10 +122,7 @@ mod tests {
     fn parse_choice() {
         assert_eq!("auto".parse(), Ok(BackendChoice::Auto));
         assert_eq!("NFT".parse(), Ok(BackendChoice::Fixed(Backend::Nft)));
-        assert_eq!(
-            "legacy".parse(),
-            Ok(BackendChoice::Fixed(Backend::Legacy))
-        );
+        assert_eq!("legacy".parse(), Ok(BackendChoice::Fixed(Backend::Legacy)));
         assert_eq!(
             "iptables".parse::<BackendChoice>(),
             Err(BadBackend("iptables".into()))
@@ -142,7 +142,8 @@ mod tests {
 
     #[test]
     fn counts_rules() {
-        let save = "# c\n*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j X\n-A OUTPUT -j Y\nCOMMIT\n";
+        let save =
+            "# c\n*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j X\n-A OUTPUT -j Y\nCOMMIT\n";
         assert_eq!(count_rules(save), 2);
         assert_eq!(count_rules(""), 0);
     }

@@ -1,5 +1,7 @@
 //! CLI edge of isthmus-init: parse flags, run the library, report.
 
+use std::process::ExitCode;
+
 use anyhow::Context as _;
 use clap::Parser;
 use isthmus_init::plan::{CidrList, IpRanges, Plan, PortList, PortSet};
@@ -44,7 +46,8 @@ struct Args {
     /// Print the iptables-restore input for each family and change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Remove everything isthmus-init installed (both families).
+    /// Remove everything isthmus-init installed (both families); pass the same
+    /// --iptables-backend as at install if it was forced.
     #[arg(long)]
     cleanup: bool,
     /// Fail instead of warning when the IPv6 nat table cannot be used.
@@ -71,8 +74,20 @@ impl Args {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line, which is what
+            // ends up in `kubectl logs` for a failed init container.
+            eprintln!("isthmus-init: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
     let plan = args.plan().context("invalid options")?;
     let exec = SystemExec;
 
@@ -91,7 +106,10 @@ fn main() -> anyhow::Result<()> {
     let (report, what) = if args.cleanup {
         (apply::cleanup(&exec, &opts)?, "removed isthmus rules")
     } else {
-        (apply::install(&exec, &plan, &opts)?, "installed isthmus rules")
+        (
+            apply::install(&exec, &plan, &opts)?,
+            "installed isthmus rules",
+        )
     };
     for w in &report.warnings {
         eprintln!("isthmus-init: warning: {w}");

@@ -392,7 +392,10 @@ mod tests {
         );
         assert_eq!(parse_port_list("0"), Err(PlanError::BadPort("0".into())));
         assert_eq!(parse_port_list("-1"), Err(PlanError::BadPort("-1".into())));
-        assert_eq!(parse_port_list("+80"), Err(PlanError::BadPort("+80".into())));
+        assert_eq!(
+            parse_port_list("+80"),
+            Err(PlanError::BadPort("+80".into()))
+        );
     }
 
     #[test]
@@ -443,14 +446,21 @@ mod tests {
             "10.0.0.0/99999999999".parse::<IpNet>(),
             Err(PlanError::PrefixTooLong { .. })
         ));
-        for bad in ["10.0.0/8", "10.0.0.0/", "10.0.0.0/x", "10.0.0.0/-1", "host", ""] {
+        for bad in [
+            "10.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/x",
+            "10.0.0.0/-1",
+            "host",
+            "",
+        ] {
             assert_eq!(
                 bad.parse::<IpNet>(),
                 Err(PlanError::BadCidr(bad.into())),
                 "{bad}"
             );
         }
-        assert_eq!(IpNet::new("10.0.0.0".parse().unwrap(), 40).is_err(), true);
+        assert!(IpNet::new("10.0.0.0".parse().unwrap(), 40).is_err());
     }
 
     #[test]
@@ -463,7 +473,10 @@ mod tests {
         assert_eq!("".parse::<IpRanges>().unwrap(), IpRanges::List(vec![]));
         assert!("10.0.0.0/8,bogus".parse::<IpRanges>().is_err());
         assert_eq!("".parse::<CidrList>().unwrap(), CidrList(vec![]));
-        assert_eq!("22, 80".parse::<PortList>().unwrap(), PortList(vec![22, 80]));
+        assert_eq!(
+            "22, 80".parse::<PortList>().unwrap(),
+            PortList(vec![22, 80])
+        );
     }
 
     #[test]

@@ -152,7 +152,9 @@ fn chain_rules(plan: &Plan, family: Family) -> Vec<String> {
     let mut r = Vec::new();
 
     for p in excluded_inbound(plan) {
-        r.push(format!("-A {INBOUND_CHAIN} -p tcp -m tcp --dport {p} -j RETURN"));
+        r.push(format!(
+            "-A {INBOUND_CHAIN} -p tcp -m tcp --dport {p} -j RETURN"
+        ));
     }
     match &plan.inbound_ports {
         PortSet::All => r.push(format!("-A {INBOUND_CHAIN} -p tcp -j {IN_REDIRECT_CHAIN}")),
@@ -184,7 +186,9 @@ fn chain_rules(plan: &Plan, family: Family) -> Vec<String> {
         dest(&family.loopback())
     ));
     for p in &plan.exclude_outbound_ports {
-        r.push(format!("-A {OUTPUT_CHAIN} -p tcp -m tcp --dport {p} -j RETURN"));
+        r.push(format!(
+            "-A {OUTPUT_CHAIN} -p tcp -m tcp --dport {p} -j RETURN"
+        ));
     }
     for net in plan
         .exclude_outbound_ip_ranges
@@ -197,7 +201,10 @@ fn chain_rules(plan: &Plan, family: Family) -> Vec<String> {
         IpRanges::All => r.push(format!("-A {OUTPUT_CHAIN} -j {REDIRECT_CHAIN}")),
         IpRanges::List(nets) => {
             for net in nets.iter().filter(|n| n.family() == family) {
-                r.push(format!("-A {OUTPUT_CHAIN} {}-j {REDIRECT_CHAIN}", dest(net)));
+                r.push(format!(
+                    "-A {OUTPUT_CHAIN} {}-j {REDIRECT_CHAIN}",
+                    dest(net)
+                ));
             }
         }
     }
@@ -563,9 +570,17 @@ COMMIT
         let e = parse_existing(SAVE_INSTALLED);
         assert_eq!(
             e.chains.iter().map(String::as_str).collect::<Vec<_>>(),
-            vec!["ISTHMUS_INBOUND", "ISTHMUS_IN_REDIRECT", "ISTHMUS_OUTPUT", "ISTHMUS_REDIRECT"]
+            vec![
+                "ISTHMUS_INBOUND",
+                "ISTHMUS_IN_REDIRECT",
+                "ISTHMUS_OUTPUT",
+                "ISTHMUS_REDIRECT"
+            ]
         );
-        assert_eq!(e.jumps, vec![PREROUTING_JUMP.to_string(), OUTPUT_JUMP.to_string()]);
+        assert_eq!(
+            e.jumps,
+            vec![PREROUTING_JUMP.to_string(), OUTPUT_JUMP.to_string()]
+        );
         assert!(e.has_prerouting_jump());
         assert!(e.has_output_jump());
         assert!(!e.is_empty());

@@ -1,1 +1,25 @@
-fn main(){}
+use std::sync::Arc;
+
+use clap::Parser;
+use isthmus_proxy::{run, Args};
+use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter};
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter =
+        EnvFilter::try_new(&args.log).map_err(|e| anyhow::anyhow!("--log `{}`: {e}", args.log))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match args.log_format {
+        isthmus_proxy::LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init(),
+        isthmus_proxy::LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
+    }
+    let set_level = Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    run(args, set_level)?;
+    Ok(())
+}

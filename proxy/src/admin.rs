@@ -1,0 +1,200 @@
+//! The admin (127.0.0.1:15000), readiness (:15021) and Prometheus (:15020) endpoints: a small
+//! HTTP/1 server on the control thread, never on the data path's cores.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::state::ConfigStore;
+
+/// Changes the log filter at runtime (`POST /logging?level=debug`).
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the admin endpoints read and control.
+pub struct AdminState {
+    pub store: Arc<ConfigStore>,
+    pub metrics: Arc<Metrics>,
+    /// Set once every data-path listener is bound.
+    pub listening: AtomicBool,
+    /// Set on SIGTERM or `/quitquitquit`: readiness fails so no new traffic is sent here.
+    pub draining: AtomicBool,
+    pub shutdown: Notify,
+    pub set_log_level: SetLogLevel,
+    pub info: serde_json::Value,
+}
+
+impl AdminState {
+    /// Ready: listeners bound, a config loaded, not draining.
+    pub fn ready(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+            && self.store.has_loaded()
+            && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.shutdown.notify_waiters();
+        self.shutdown.notify_one();
+    }
+}
+
+/// Which set of endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Readiness,
+    Prometheus,
+}
+
+/// Serves `role` on an already-bound listener until the process ends.
+pub async fn serve(listener: TcpListener, role: Role, state: Arc<AdminState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!("admin accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, role, &state).await {
+                tracing::debug!("admin request: {e}");
+            }
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    fn json(value: &serde_json::Value) -> Self {
+        Response {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_string_pretty(value).unwrap_or_default() + "\n",
+        }
+    }
+}
+
+const MAX_HEAD: usize = 16 * 1024;
+
+async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let response = loop {
+        let mut chunk = [0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = req.method.unwrap_or("GET").to_string();
+                let target = req.path.unwrap_or("/").to_string();
+                break route(role, &method, &target, state);
+            }
+            Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => break Response::text(431, "request head too large\n"),
+            Err(e) => break Response::text(400, format!("bad request: {e}\n")),
+        }
+    };
+    let reason = match response.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let out = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        response.status,
+        response.content_type,
+        response.body.len(),
+        response.body
+    );
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let readiness = || {
+        if state.ready() {
+            Response::text(200, "LIVE\n")
+        } else if state.draining.load(Ordering::Acquire) {
+            Response::text(503, "DRAINING\n")
+        } else {
+            Response::text(
+                503,
+                "NOT READY: waiting for listeners and the first config\n",
+            )
+        }
+    };
+    let metrics = || Response {
+        status: 200,
+        content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        body: state.metrics.encode(),
+    };
+    match (role, path) {
+        (Role::Readiness, "/healthz/ready") => readiness(),
+        (Role::Prometheus, "/stats/prometheus" | "/metrics") => metrics(),
+        (Role::Admin, "/ready") => readiness(),
+        (Role::Admin, "/stats/prometheus") => metrics(),
+        (Role::Admin, "/config_dump") => {
+            let mut dump = state.store.dump();
+            dump["proxy"] = state.info.clone();
+            dump["proxy"]["ready"] = json!(state.ready());
+            Response::json(&dump)
+        }
+        (Role::Admin, "/quitquitquit") if method == "POST" => {
+            state.begin_drain();
+            Response::text(200, "draining, then exiting\n")
+        }
+        (Role::Admin, "/logging") if method == "POST" => {
+            let level = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="))
+                .unwrap_or("");
+            match (state.set_log_level)(level) {
+                Ok(()) => Response::text(200, format!("log level: {level}\n")),
+                Err(e) => Response::text(400, format!("bad level `{level}`: {e}\n")),
+            }
+        }
+        (Role::Admin, "/quitquitquit" | "/logging") => Response::text(405, "use POST\n"),
+        (Role::Admin, "/") => Response::text(
+            200,
+            "GET /config_dump\nGET /ready\nGET /stats/prometheus\nPOST /logging?level=LEVEL\nPOST /quitquitquit\n",
+        ),
+        _ => Response::text(404, "not found\n"),
+    }
+}

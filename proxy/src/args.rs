@@ -1,0 +1,112 @@
+//! Command-line flags. Names follow Istio's where users know them; pod identity comes from
+//! the downward-API environment the injector sets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::runtime::BackendChoice;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "isthmus-proxy", version, about = "The isthmus sidecar proxy")]
+pub struct Args {
+    /// Directory of Istio API YAML files (the mounted ConfigMap).
+    #[arg(
+        long,
+        env = "ISTHMUS_CONFIG_DIR",
+        default_value = "/etc/isthmus/config"
+    )]
+    pub config_dir: PathBuf,
+    /// I/O backend of the data path.
+    #[arg(long, env = "ISTHMUS_IO_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub io_backend: BackendChoice,
+    /// Worker threads (one runtime each), like Istio's proxy concurrency.
+    #[arg(long, env = "ISTHMUS_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Admin endpoints, bound to 127.0.0.1 only.
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// Prometheus scrape port (`/stats/prometheus`).
+    #[arg(long, default_value_t = 15020)]
+    pub stats_port: u16,
+    /// Readiness port (`/healthz/ready`).
+    #[arg(long, default_value_t = 15021)]
+    pub readiness_port: u16,
+    /// Do not bind the capture listeners (15001/15006): explicit listeners only.
+    #[arg(long)]
+    pub no_capture: bool,
+    /// An explicit outbound listener, `LISTEN=DESTINATION`: connections to LISTEN are routed
+    /// as if the app had dialled DESTINATION (no iptables needed). Repeatable.
+    #[arg(long = "explicit", value_name = "LISTEN=DESTINATION")]
+    pub explicit: Vec<ExplicitListener>,
+    /// How long a connect to an endpoint may take before the next is tried.
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    /// How many endpoints to try when connects fail.
+    #[arg(long, default_value_t = 3)]
+    pub connect_attempts: usize,
+    /// On SIGTERM or /quitquitquit, how long to wait for open connections before exiting.
+    #[arg(long, default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+    /// Quiet time after a burst of file events before reloading.
+    #[arg(long, default_value_t = 100)]
+    pub config_debounce_ms: u64,
+    /// Re-read the config directory this often even without events.
+    #[arg(long, default_value_t = 30)]
+    pub config_resync_secs: u64,
+    /// Log one line per connection (target `access`).
+    #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
+    pub access_log: bool,
+    /// Log filter, e.g. `info` or `info,isthmus_proxy=debug`.
+    #[arg(long, env = "ISTHMUS_LOG", default_value = "info")]
+    pub log: String,
+    #[arg(long, env = "ISTHMUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// This workload's name (Istio's `source_workload` label).
+    #[arg(long, env = "ISTHMUS_WORKLOAD", default_value = "unknown")]
+    pub workload: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    #[arg(long, env = "ISTHMUS_APP", default_value = "unknown")]
+    pub app: String,
+    #[arg(
+        long = "app-version",
+        env = "ISTHMUS_APP_VERSION",
+        default_value = "unknown"
+    )]
+    pub app_version: String,
+    #[arg(long, env = "ISTHMUS_CLUSTER", default_value = "Kubernetes")]
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExplicitListener {
+    pub listen: SocketAddr,
+    pub destination: SocketAddr,
+}
+
+impl FromStr for ExplicitListener {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (listen, destination) = s.split_once('=').ok_or_else(|| {
+            format!("`{s}`: expected LISTEN=DESTINATION, e.g. 0.0.0.0:8000=10.96.0.10:80")
+        })?;
+        Ok(ExplicitListener {
+            listen: listen.parse().map_err(|e| format!("`{listen}`: {e}"))?,
+            destination: destination
+                .parse()
+                .map_err(|e| format!("`{destination}`: {e}"))?,
+        })
+    }
+}

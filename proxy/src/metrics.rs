@@ -1,0 +1,176 @@
+//! Prometheus metrics. TCP metrics use Istio's standard names and labels so that existing
+//! dashboards work; isthmus's own families are prefixed `isthmus_`. Handles are fetched once
+//! per connection, never per byte.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// A label value shared between series without copying.
+pub type Value = Arc<str>;
+
+/// Istio's TCP metric labels (istio.io "Istio Standard Metrics"), in Istio's order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Value,
+    pub source_workload: Value,
+    pub source_canonical_service: Value,
+    pub source_canonical_revision: Value,
+    pub source_workload_namespace: Value,
+    pub source_principal: Value,
+    pub source_app: Value,
+    pub source_version: Value,
+    pub source_cluster: Value,
+    pub destination_workload: Value,
+    pub destination_workload_namespace: Value,
+    pub destination_principal: Value,
+    pub destination_app: Value,
+    pub destination_version: Value,
+    pub destination_service: Value,
+    pub destination_canonical_service: Value,
+    pub destination_canonical_revision: Value,
+    pub destination_service_name: Value,
+    pub destination_service_namespace: Value,
+    pub destination_cluster: Value,
+    pub request_protocol: Value,
+    pub response_flags: Value,
+    pub connection_security_policy: Value,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
+}
+
+/// Every metric family the proxy exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub tcp: TcpMetrics,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub config_version: Family<VersionLabels, Gauge>,
+    pub config_last_success: Gauge<f64, AtomicU64>,
+    pub io_backend: Family<BackendLabels, Gauge>,
+    pub active_connections: Gauge,
+}
+
+#[derive(Clone, Default)]
+pub struct TcpMetrics {
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    pub received_bytes: Family<TcpLabels, Counter>,
+}
+
+/// The counters of one connection's label set, fetched when the connection is routed.
+pub struct TcpHandles {
+    pub closed: Counter,
+    /// Bytes sent to the client (Istio: "sent" from the server side of the reporter).
+    pub sent: Counter,
+    pub received: Counter,
+}
+
+impl TcpMetrics {
+    pub fn open(&self, labels: &TcpLabels) -> TcpHandles {
+        self.opened.get_or_create(labels).inc();
+        TcpHandles {
+            closed: self.closed.get_or_create_owned(labels),
+            sent: self.sent_bytes.get_or_create_owned(labels),
+            received: self.received_bytes.get_or_create_owned(labels),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let tcp = TcpMetrics::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            tcp.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            tcp.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client side of the connection",
+            tcp.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client side of the connection",
+            tcp.received_bytes.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "isthmus_config_reloads",
+            "Config reload attempts by result (success or failure)",
+            config_reloads.clone(),
+        );
+        let config_version = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "isthmus_config_version",
+            "The loaded config version (content hash), value 1",
+            config_version.clone(),
+        );
+        let config_last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "isthmus_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load",
+            config_last_success.clone(),
+        );
+        let io_backend = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "isthmus_proxy_io_backend",
+            "The data path's I/O backend (io_uring or epoll), value 1",
+            io_backend.clone(),
+        );
+        let active_connections = Gauge::default();
+        registry.register(
+            "isthmus_proxy_active_connections",
+            "Connections being relayed now",
+            active_connections.clone(),
+        );
+        Metrics {
+            registry,
+            tcp,
+            config_reloads,
+            config_version,
+            config_last_success,
+            io_backend,
+            active_connections,
+        }
+    }
+
+    /// OpenMetrics text for the scrape endpoint.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,137 @@
+//! Routing decisions: plain functions of (snapshot, original destination), no I/O, so they are
+//! table-tested without sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use isthmus_config::{Cluster, OutboundPolicy, Service, Snapshot, TcpRoute};
+
+use crate::balance::pick_weighted;
+
+/// Where an outbound connection goes.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// A registry service: connect to one of the cluster's endpoints.
+    Cluster {
+        service: &'a Arc<Service>,
+        route: &'a TcpRoute,
+        cluster: &'a Arc<Cluster>,
+    },
+    /// Not in the registry, allowed by `ALLOW_ANY`: connect to the original destination.
+    Passthrough,
+    /// Not in the registry under `REGISTRY_ONLY`: refuse.
+    BlackHole,
+}
+
+/// Picks the route and cluster for an outbound connection to `dst`.
+pub fn outbound(snapshot: &Snapshot, dst: SocketAddr) -> Decision<'_> {
+    let Some((service, port)) = snapshot.service_port(dst) else {
+        return match snapshot.outbound_policy() {
+            OutboundPolicy::AllowAny => Decision::Passthrough,
+            OutboundPolicy::RegistryOnly => Decision::BlackHole,
+        };
+    };
+    // The compiler always appends a catch-all route, so a match exists.
+    let Some(route) = port.routes.iter().find(|r| r.accepts(dst)) else {
+        return Decision::BlackHole;
+    };
+    let weights: Vec<u32> = route.destinations.iter().map(|d| d.weight).collect();
+    let index = pick_weighted(route.next_ticket(), &weights).unwrap_or(0);
+    Decision::Cluster {
+        service,
+        route,
+        cluster: &route.destinations[index].cluster,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use isthmus_config::{load, SourceFile};
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  addresses: [10.96.0.20]
+  ports: [{number: 80, name: tcp, targetPort: 8080}, {number: 81, name: tcp-alt}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.66.0.2, labels: {version: v1}}
+  - {address: 10.66.0.3, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  tcp:
+  - match: [{port: 80}]
+    route:
+    - {destination: {host: echo, subset: v1}, weight: 75}
+    - {destination: {host: echo, subset: v2}, weight: 25}
+"#;
+
+    fn snapshot(extra: &str) -> Snapshot {
+        load(&[
+            SourceFile::new("a.yaml", CONFIG),
+            SourceFile::new("b.yaml", extra),
+        ])
+        .unwrap()
+    }
+
+    fn cluster_of(d: Decision<'_>) -> String {
+        match d {
+            Decision::Cluster { cluster, .. } => cluster.name.clone(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn weighted_split_is_exact_over_a_cycle() {
+        let snap = snapshot("");
+        let dst: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let picks: Vec<String> = (0..100).map(|_| cluster_of(outbound(&snap, dst))).collect();
+        let v1 = picks.iter().filter(|c| c.contains("|v1|")).count();
+        assert_eq!(v1, 75);
+        assert_eq!(picks.len() - v1, 25);
+    }
+
+    #[test]
+    fn unmatched_port_falls_back_to_the_whole_service() {
+        let snap = snapshot("");
+        let name = cluster_of(outbound(&snap, "10.96.0.20:81".parse().unwrap()));
+        assert_eq!(name, "outbound|81||echo.demo.svc.cluster.local");
+    }
+
+    #[test]
+    fn unknown_destinations_follow_the_outbound_policy() {
+        let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        assert!(matches!(
+            outbound(&snapshot(""), dst),
+            Decision::Passthrough
+        ));
+        assert!(matches!(
+            outbound(&Snapshot::empty(), dst),
+            Decision::Passthrough
+        ));
+        let strict = snapshot(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\n\
+             spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n",
+        );
+        assert!(matches!(outbound(&strict, dst), Decision::BlackHole));
+        // Registry services still route under REGISTRY_ONLY.
+        let name = cluster_of(outbound(&strict, "10.96.0.20:81".parse().unwrap()));
+        assert!(name.starts_with("outbound|81|"), "{name}");
+    }
+}
