@@ -14,7 +14,13 @@ fn main() -> anyhow::Result<()> {
         isthmus_proxy::LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json())
             .init(),
-        isthmus_proxy::LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
+        isthmus_proxy::LogFormat::Plain => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init(),
     }
     let set_level = Arc::new(move |level: &str| {
         let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
