@@ -7,3 +7,4 @@ pub mod app;
 pub mod configmap;
 pub mod local;
 pub mod netns;
+pub mod seccomp;

@@ -1,1 +1,87 @@
+//! Helpers for the end-to-end scenarios in `tests/`: prerequisites, payload patterns, and
+//! metric lookups. The mesh itself is `isthmus_ctl::local::Mesh` — the same code the demo runs.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+/// E2E tests need root (namespaces, iptables). Anywhere else they fail loudly, unless the
+/// caller opts out with `ISTHMUS_SKIP_E2E=1` (then they pass vacuously and say so).
+pub fn prerequisites() -> bool {
+    if std::env::var_os("ISTHMUS_SKIP_E2E").is_some() {
+        eprintln!("ISTHMUS_SKIP_E2E set: skipping");
+        return false;
+    }
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "e2e tests need root (network namespaces, iptables); set ISTHMUS_SKIP_E2E=1 to skip"
+    );
+    for tool in ["ip", "iptables-restore", "ip6tables-restore"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        assert!(found, "`{tool}` not found: apt-get install -y iptables iproute2");
+    }
+    true
+}
+
+/// A deterministic, non-repeating-looking payload: byte `i` of the stream.
+fn pattern_block() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..(1 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `total` bytes of the pattern on one thread while reading the echo on this one;
+/// checks every byte comes back in order. Returns the bytes verified.
+pub fn echo_exact(stream: TcpStream, total: usize) -> u64 {
+    let block = pattern_block();
+    let mut writer = stream.try_clone().expect("clone stream");
+    let send_block = block.clone();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0usize;
+        let mut chunk = vec![0u8; send_block.len()];
+        while sent < total {
+            let n = (total - sent).min(chunk.len());
+            let mib = (sent >> 20) as u8;
+            for (out, b) in chunk[..n].iter_mut().zip(&send_block) {
+                *out = b ^ mib;
+            }
+            writer.write_all(&chunk[..n]).expect("write payload");
+            sent += n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).expect("half-close");
+    });
+    let mut reader = stream;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader.read(&mut buf).expect("read echo");
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            let pos = got + i;
+            let want = block[pos & ((1 << 20) - 1)] ^ ((pos >> 20) as u8);
+            assert_eq!(*b, want, "byte {pos} differs");
+        }
+        got += n;
+    }
+    sender.join().expect("sender");
+    assert_eq!(got, total, "echo ended early: {got} of {total} bytes");
+    got as u64
+}
+
+/// Sums the values of the series of `metric` whose labels include every `key="value"` given.
+pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -90,6 +90,9 @@ pub struct MeshSpec {
     pub bin_dir: Option<PathBuf>,
     /// User config files written beside the generated registry.
     pub config: Vec<SourceFile>,
+    /// Run sidecars under a seccomp filter that blocks io_uring, like Docker's and
+    /// containerd's default profiles.
+    pub block_io_uring: bool,
 }
 
 impl MeshSpec {
@@ -100,6 +103,7 @@ impl MeshSpec {
             proxy_args: Vec::new(),
             bin_dir: None,
             config: Vec::new(),
+            block_io_uring: false,
         }
     }
 }
@@ -202,10 +206,10 @@ impl Mesh {
         mesh.write_files().map_err(io_err("writing the config"))?;
 
         for i in 0..mesh.plan.len() {
-            let pod = mesh.create_pod(&tag, i, &bin_dir, &spec.proxy_args)?;
+            let pod = mesh.create_pod(&tag, i, &bin_dir, &spec)?;
             mesh.pods.push(pod);
         }
-        for pod in &mesh.pods {
+        for pod in &mut mesh.pods {
             if pod.spec.sidecar {
                 pod.wait_ready()?;
             }
@@ -218,7 +222,7 @@ impl Mesh {
         tag: &str,
         index: usize,
         bin_dir: &Path,
-        proxy_args: &[String],
+        mesh: &MeshSpec,
     ) -> Result<Pod, MeshError> {
         let (spec, ipv4, ipv6) = &self.plan[index];
         let (ipv4, ipv6) = (*ipv4, *ipv6);
@@ -318,9 +322,12 @@ impl Mesh {
                     &spec.version,
                 ])
                 .args(["--access-log", "--config-debounce-ms", "20"])
-                .args(proxy_args)
+                .args(&mesh.proxy_args)
                 .stdout(Stdio::null())
                 .stderr(log_file(&pod.log_dir, "proxy.log")?);
+            if mesh.block_io_uring {
+                crate::seccomp::deny_io_uring(&mut proxy);
+            }
             let child = proxy.spawn().map_err(io_err("starting isthmus-proxy"))?;
             pod.processes.push(("proxy".into(), child));
         }
@@ -534,12 +541,20 @@ impl Pod {
     }
 
     /// Polls the readiness endpoint (15021) until it answers 200; bounded.
-    fn wait_ready(&self) -> Result<(), MeshError> {
+    fn wait_ready(&mut self) -> Result<(), MeshError> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 15021));
         loop {
             if let Ok((200, _)) = self.http_get(addr, "/healthz/ready") {
                 return Ok(());
+            }
+            let exited = self
+                .processes
+                .iter_mut()
+                .filter(|(name, _)| name == "proxy")
+                .find_map(|(_, child)| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(MeshError::Failed(format!("sidecar of {} exited ({status}):\n{}", self.name, self.log("proxy.log"))));
             }
             if Instant::now() > deadline {
                 return Err(MeshError::Failed(format!(

@@ -1,0 +1,264 @@
+//! End-to-end: pods are network namespaces, capture is isthmus-init's real iptables rules,
+//! sidecars are the real isthmus-proxy binary running as UID 1337, clients are real sockets
+//! opened inside the pods. Each scenario runs on io_uring and on the epoll fallback.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use isthmus_config::SourceFile;
+use isthmus_ctl::local::{Mesh, MeshSpec, PodSpec, ECHO_PORT, HTTP_SERVICE_PORT};
+use isthmus_tests::{echo_exact, metric_sum, prerequisites};
+
+const MIB: usize = 1 << 20;
+
+fn mesh(backend: &str, services: &[&str], pods: Vec<PodSpec>) -> Mesh {
+    let mut spec = MeshSpec::new(services, pods);
+    spec.proxy_args = vec!["--io-backend".into(), backend.into()];
+    Mesh::start(spec).unwrap_or_else(|e| panic!("mesh did not start: {e}"))
+}
+
+fn backend_metric(mesh: &Mesh, pod: &str) -> String {
+    let text = mesh.pod(pod).metrics().unwrap();
+    text.lines()
+        .find(|l| l.starts_with("isthmus_proxy_io_backend{"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn routes(subset_for_tcp: &str) -> Vec<SourceFile> {
+    vec![SourceFile::new(
+        "routes.yaml",
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: hello, namespace: mesh}}\n\
+             spec:\n  host: hello\n  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: mesh}}\n\
+             spec:\n  hosts: [hello]\n  tcp:\n  - route: [{{destination: {{host: hello, subset: {subset_for_tcp}}}}}]\n"
+        ),
+    )]
+}
+
+/// 64 MiB each way, byte-exact, through the client's outbound capture and the server's
+/// inbound capture; both sidecars account for the bytes.
+fn bulk_transfer(backend: &str, expect_backend: &str) {
+    if !prerequisites() {
+        return;
+    }
+    let mesh = mesh(backend, &["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    assert!(backend_metric(&mesh, "client").contains(expect_backend), "{}", backend_metric(&mesh, "client"));
+    let client = mesh.pod("client");
+    let vip = SocketAddr::from((mesh.vip4("echo"), ECHO_PORT));
+    let stream = client.connect(vip).unwrap();
+    assert_eq!(echo_exact(stream, 64 * MIB), (64 * MIB) as u64);
+
+    let out = client.metrics().unwrap();
+    let dest = [("reporter", "source"), ("destination_service", "echo.mesh.svc.cluster.local"), ("destination_workload", "server")];
+    assert!(metric_sum(&out, "istio_tcp_received_bytes_total", &dest) >= (64 * MIB) as f64, "{out}");
+    assert!(metric_sum(&out, "istio_tcp_sent_bytes_total", &dest) >= (64 * MIB) as f64, "{out}");
+    assert_eq!(metric_sum(&out, "istio_tcp_connections_closed_total", &dest), 1.0, "{out}");
+    let inbound = mesh.pod("server").metrics().unwrap();
+    let me = [("reporter", "destination"), ("destination_workload", "server")];
+    assert!(metric_sum(&inbound, "istio_tcp_received_bytes_total", &me) >= (64 * MIB) as f64, "{inbound}");
+    assert!(metric_sum(&inbound, "istio_tcp_sent_bytes_total", &me) >= (64 * MIB) as f64, "{inbound}");
+}
+
+#[test]
+fn bulk_transfer_is_byte_exact_through_both_captures_io_uring() {
+    bulk_transfer("io-uring", "io_uring");
+}
+
+#[test]
+fn bulk_transfer_is_byte_exact_through_both_captures_epoll() {
+    bulk_transfer("epoll", "epoll");
+}
+
+/// IPv6: a v6 service VIP is captured outbound (SO_ORIGINAL_DST via IP6T), and a v6
+/// connection to a meshed pod is captured inbound.
+#[test]
+fn ipv6_is_captured_outbound_and_inbound() {
+    if !prerequisites() {
+        return;
+    }
+    let mesh = mesh("auto", &["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    let client = mesh.pod("client");
+    let vip6 = SocketAddr::from((mesh.vip6("echo"), ECHO_PORT));
+    assert_eq!(echo_exact(client.connect(vip6).unwrap(), MIB), MIB as u64);
+    let server6 = SocketAddr::from((mesh.pod("server").ipv6, ECHO_PORT));
+    assert_eq!(echo_exact(client.connect(server6).unwrap(), MIB), MIB as u64);
+
+    let out = client.metrics().unwrap();
+    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "echo.mesh.svc.cluster.local")]), 1.0, "{out}");
+    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "PassthroughCluster")]), 1.0, "{out}");
+    let inbound = mesh.pod("server").metrics().unwrap();
+    assert_eq!(metric_sum(&inbound, "istio_tcp_connections_opened_total", &[("reporter", "destination")]), 2.0, "{inbound}");
+}
+
+/// Destinations outside the registry pass through under ALLOW_ANY and are refused under
+/// REGISTRY_ONLY; registry services keep working under both.
+fn passthrough_and_registry_only(backend: &str) {
+    if !prerequisites() {
+        return;
+    }
+    let mesh = mesh(backend, &["hello"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("hello-v1", Some("hello"), "v1"), PodSpec::unmeshed("legacy")]);
+    let client = mesh.pod("client");
+    let legacy = SocketAddr::from((mesh.pod("legacy").ipv4, 8080));
+    assert_eq!(client.http_get(legacy, "/").unwrap(), (200, "hello from legacy\n".into()));
+
+    let version = mesh
+        .write_config(vec![SourceFile::new(
+            "sidecar.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: mesh}\n\
+             spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n",
+        )])
+        .unwrap();
+    mesh.wait_for_version(&version, false).unwrap();
+    // The connect itself succeeds (the sidecar accepts), then it is closed without a byte.
+    let refused = client.http_get(legacy, "/");
+    assert!(refused.is_err(), "REGISTRY_ONLY let {legacy} through: {refused:?}");
+    let vip = SocketAddr::from((mesh.vip4("hello"), HTTP_SERVICE_PORT));
+    assert_eq!(client.http_get(vip, "/").unwrap(), (200, "hello from hello-v1\n".into()));
+
+    let out = client.metrics().unwrap();
+    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "PassthroughCluster"), ("response_flags", "-")]), 1.0, "{out}");
+    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "BlackHoleCluster"), ("response_flags", "NR")]), 1.0, "{out}");
+}
+
+#[test]
+fn passthrough_and_registry_only_io_uring() {
+    passthrough_and_registry_only("io-uring");
+}
+
+#[test]
+fn passthrough_and_registry_only_epoll() {
+    passthrough_and_registry_only("epoll");
+}
+
+/// A routing change arrives through a kubelet-style `..data` swap: no restart, new connections
+/// follow the new route, an open connection keeps working. Then a bad config is rejected with
+/// file, field and reason while the last good one keeps serving.
+fn live_routing_change(backend: &str) {
+    if !prerequisites() {
+        return;
+    }
+    let mesh = mesh(
+        backend,
+        &["hello"],
+        vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("hello-v1", Some("hello"), "v1"), PodSpec::meshed("hello-v2", Some("hello"), "v2")],
+    );
+    let client = mesh.pod("client");
+    let http = SocketAddr::from((mesh.vip4("hello"), HTTP_SERVICE_PORT));
+    let echo = SocketAddr::from((mesh.vip4("hello"), ECHO_PORT));
+    let pid_before = client_proxy_pid(&mesh);
+
+    let v1 = mesh.write_config(routes("v1")).unwrap();
+    mesh.wait_for_version(&v1, false).unwrap();
+    for _ in 0..4 {
+        assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v1\n");
+    }
+    let mut open = client.connect(echo).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    roundtrip(&mut open, b"before the change");
+
+    let v2 = mesh.write_config(routes("v2")).unwrap();
+    mesh.wait_for_version(&v2, false).unwrap();
+    for _ in 0..4 {
+        assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v2\n");
+    }
+    roundtrip(&mut open, b"after the change: still connected");
+
+    // Garbage YAML, then a config that parses but names a subset nobody defines.
+    let garbage = mesh.write_config(vec![SourceFile::new("routes.yaml", "kind: [unclosed")]).unwrap();
+    let dump = client.wait_for_version(&garbage, true).unwrap();
+    assert_eq!(dump["version"], v2.as_str(), "the last good config must keep serving");
+    assert!(dump["lastError"]["issues"][0].as_str().unwrap().starts_with("routes.yaml: invalid YAML"), "{dump}");
+    let mut bad = routes("v3");
+    bad[0].text = bad[0].text.replace("[{name: v1", "[{name: v9");
+    let bad_version = mesh.write_config(bad).unwrap();
+    let dump = client.wait_for_version(&bad_version, true).unwrap();
+    let issue = dump["lastError"]["issues"][0].as_str().unwrap().to_string();
+    assert!(
+        issue.starts_with("routes.yaml: VirtualService mesh/hello: spec.tcp[0].route[0].destination.subset: no DestinationRule"),
+        "{issue}"
+    );
+    assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v2\n");
+    roundtrip(&mut open, b"after a rejected config");
+    let text = client.metrics().unwrap();
+    assert_eq!(metric_sum(&text, "isthmus_config_reloads_total", &[("result", "failure")]), 2.0, "{text}");
+    assert_eq!(metric_sum(&text, "isthmus_config_version", &[("version", &v2)]), 1.0, "{text}");
+
+    // Fixed again: loads, and the error is cleared.
+    let v1_again = mesh.write_config(routes("v1")).unwrap();
+    let dump = client.wait_for_version(&v1_again, false).unwrap();
+    assert!(dump["lastError"].is_null(), "{dump}");
+    assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v1\n");
+    assert_eq!(client_proxy_pid(&mesh), pid_before, "the sidecar must not restart");
+}
+
+fn roundtrip(stream: &mut std::net::TcpStream, msg: &[u8]) {
+    stream.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+fn client_proxy_pid(mesh: &Mesh) -> u64 {
+    let dump: serde_json::Value = serde_json::from_str(&mesh.pod("client").admin("/config_dump").unwrap()).unwrap();
+    dump["proxy"]["pid"].as_u64().unwrap()
+}
+
+#[test]
+fn live_routing_change_and_bad_config_io_uring() {
+    live_routing_change("io-uring");
+}
+
+#[test]
+fn live_routing_change_and_bad_config_epoll() {
+    live_routing_change("epoll");
+}
+
+/// Where seccomp blocks io_uring (Docker's and containerd's default profiles), `auto` starts
+/// on epoll, says so, and serves.
+#[test]
+fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
+    if !prerequisites() {
+        return;
+    }
+    let mut spec = MeshSpec::new(&["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    spec.block_io_uring = true;
+    let mesh = Mesh::start(spec).unwrap();
+    assert!(backend_metric(&mesh, "client").contains("epoll"), "{}", backend_metric(&mesh, "client"));
+    assert!(mesh.pod("client").log("proxy.log").contains("io_uring unavailable"), "{}", mesh.pod("client").log("proxy.log"));
+    let vip = SocketAddr::from((mesh.vip4("echo"), ECHO_PORT));
+    assert_eq!(echo_exact(mesh.pod("client").connect(vip).unwrap(), 4 * MIB), (4 * MIB) as u64);
+}
+
+/// Forcing io_uring where it is blocked is a clear start-up error, not a crash.
+#[test]
+fn forcing_io_uring_where_blocked_fails_clearly() {
+    if !prerequisites() {
+        return;
+    }
+    let mut spec = MeshSpec::new(&[], vec![PodSpec::meshed("client", None, "v1")]);
+    spec.block_io_uring = true;
+    spec.proxy_args = vec!["--io-backend".into(), "io-uring".into()];
+    let err = Mesh::start(spec).err().expect("the sidecar must refuse to start");
+    let text = err.to_string();
+    assert!(text.contains("io_uring is unavailable") && text.contains("seccomp"), "{text}");
+}
+
+/// Tearing a mesh down leaves no namespace and no process behind.
+#[test]
+fn teardown_leaves_nothing_behind() {
+    if !prerequisites() {
+        return;
+    }
+    let mesh = mesh("auto", &["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::unmeshed("other")]);
+    let names: Vec<String> = mesh.pods.iter().map(|p| p.netns().name().to_string()).collect();
+    let pid = client_proxy_pid(&mesh);
+    drop(mesh);
+    let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    for name in names {
+        assert!(!list.contains(&name), "{name} still exists:\n{list}");
+    }
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "sidecar {pid} still running");
+}
