@@ -11,7 +11,7 @@ pub fn serve(name: &str, http: SocketAddr, echo: SocketAddr) -> io::Result<()> {
     println!("READY");
     io::stdout().flush()?;
     let name = name.to_string();
-    std::thread::spawn(move || accept(echo, |s| echo_conn(s)));
+    std::thread::spawn(move || accept(echo, echo_conn));
     accept(http, move |s| http_conn(s, &name));
     Ok(())
 }
