@@ -262,3 +262,40 @@ fn teardown_leaves_nothing_behind() {
     }
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "sidecar {pid} still running");
 }
+
+/// SIGTERM: readiness fails at once, open and new outbound connections keep working, and the
+/// sidecar exits 0 as soon as the last connection closes (not after the drain timeout).
+#[test]
+fn sigterm_drains_then_exits_when_idle() {
+    if !prerequisites() {
+        return;
+    }
+    let mut spec = MeshSpec::new(&["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    spec.proxy_args = vec!["--drain-timeout-secs".into(), "60".into()];
+    let mut mesh = Mesh::start(spec).unwrap();
+    let vip = SocketAddr::from((mesh.vip4("echo"), ECHO_PORT));
+    let mut open = mesh.pod("client").connect(vip).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    roundtrip(&mut open, b"before SIGTERM");
+
+    let pid = mesh.pod("client").proxy_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = mesh.pod("client").http_get(ready, "/healthz/ready").unwrap();
+        if status == 503 {
+            assert_eq!(body, "DRAINING\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "readiness never turned 503");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    roundtrip(&mut open, b"while draining");
+    assert_eq!(echo_exact(mesh.pod("client").connect(vip).unwrap(), MIB), MIB as u64, "outbound must keep working while draining");
+    let client = mesh.pods.iter_mut().find(|p| p.name == "client").unwrap();
+    assert_eq!(client.wait_proxy_exit(Duration::from_millis(300)), None, "exited with a connection open");
+    drop(open);
+    let status = client.wait_proxy_exit(Duration::from_secs(10)).expect("sidecar did not exit after its last connection closed");
+    assert!(status.success(), "{status}");
+}

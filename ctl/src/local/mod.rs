@@ -485,6 +485,27 @@ impl Pod {
         }
     }
 
+    /// The sidecar's process id.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.processes.iter().find(|(name, _)| name == "proxy").map(|(_, c)| c.id())
+    }
+
+    /// Waits (bounded) for the sidecar to exit; its exit status, or `None` if still running.
+    pub fn wait_proxy_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self
+                .processes
+                .iter_mut()
+                .find(|(name, _)| name == "proxy")
+                .and_then(|(_, child)| child.try_wait().ok().flatten());
+            if status.is_some() || Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self, file: &str) -> String {
         std::fs::read_to_string(self.log_dir.join(file)).unwrap_or_default()
     }
