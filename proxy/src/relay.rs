@@ -7,8 +7,11 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::runtime::Stream;
 
-/// Buffer per direction. 64 KiB keeps bulk transfers at a few syscalls per megabyte.
-const BUFFER: usize = 64 * 1024;
+/// Each direction starts with a small buffer, so an idle connection costs little (a completion
+/// read owns its buffer while it waits), and doubles it whenever a read fills it, up to a size
+/// that keeps bulk transfers at a few syscalls per megabyte.
+const INITIAL_BUFFER: usize = 4 * 1024;
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -63,11 +66,17 @@ async fn copy_half<A: Stream, B: Stream>(
     to: &B,
     counter: &Counter,
 ) -> (u64, io::Result<()>) {
-    let mut buf = Vec::with_capacity(BUFFER);
+    let mut buf = Vec::with_capacity(INITIAL_BUFFER);
     let mut total = 0u64;
     loop {
         let (read, b) = from.read(buf).await;
         buf = b;
+        if matches!(read, Ok(n) if n == buf.capacity() && n < MAX_BUFFER) {
+            // Filled: the peer is sending faster than this buffer drains. Grow for the next read.
+            let mut bigger = Vec::with_capacity((buf.capacity() * 2).min(MAX_BUFFER));
+            bigger.extend_from_slice(&buf);
+            buf = bigger;
+        }
         match read {
             Ok(0) => {
                 // A peer that already closed makes shutdown fail with ENOTCONN: harmless.

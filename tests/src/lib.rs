@@ -19,7 +19,10 @@ pub fn prerequisites() -> bool {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
-        assert!(found, "`{tool}` not found: apt-get install -y iptables iproute2");
+        assert!(
+            found,
+            "`{tool}` not found: apt-get install -y iptables iproute2"
+        );
     }
     true
 }
@@ -55,7 +58,9 @@ pub fn echo_exact(stream: TcpStream, total: usize) -> u64 {
             writer.write_all(&chunk[..n]).expect("write payload");
             sent += n;
         }
-        writer.shutdown(std::net::Shutdown::Write).expect("half-close");
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
     });
     let mut reader = stream;
     let mut got = 0usize;
@@ -81,7 +86,11 @@ pub fn echo_exact(stream: TcpStream, total: usize) -> u64 {
 pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

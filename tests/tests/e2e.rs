@@ -44,22 +44,56 @@ fn bulk_transfer(backend: &str, expect_backend: &str) {
     if !prerequisites() {
         return;
     }
-    let mesh = mesh(backend, &["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
-    assert!(backend_metric(&mesh, "client").contains(expect_backend), "{}", backend_metric(&mesh, "client"));
+    let mesh = mesh(
+        backend,
+        &["echo"],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::meshed("server", Some("echo"), "v1"),
+        ],
+    );
+    assert!(
+        backend_metric(&mesh, "client").contains(expect_backend),
+        "{}",
+        backend_metric(&mesh, "client")
+    );
     let client = mesh.pod("client");
     let vip = SocketAddr::from((mesh.vip4("echo"), ECHO_PORT));
     let stream = client.connect(vip).unwrap();
     assert_eq!(echo_exact(stream, 64 * MIB), (64 * MIB) as u64);
 
     let out = client.metrics().unwrap();
-    let dest = [("reporter", "source"), ("destination_service", "echo.mesh.svc.cluster.local"), ("destination_workload", "server")];
-    assert!(metric_sum(&out, "istio_tcp_received_bytes_total", &dest) >= (64 * MIB) as f64, "{out}");
-    assert!(metric_sum(&out, "istio_tcp_sent_bytes_total", &dest) >= (64 * MIB) as f64, "{out}");
-    assert_eq!(metric_sum(&out, "istio_tcp_connections_closed_total", &dest), 1.0, "{out}");
+    let dest = [
+        ("reporter", "source"),
+        ("destination_service", "echo.mesh.svc.cluster.local"),
+        ("destination_workload", "server"),
+    ];
+    assert!(
+        metric_sum(&out, "istio_tcp_received_bytes_total", &dest) >= (64 * MIB) as f64,
+        "{out}"
+    );
+    assert!(
+        metric_sum(&out, "istio_tcp_sent_bytes_total", &dest) >= (64 * MIB) as f64,
+        "{out}"
+    );
+    assert_eq!(
+        metric_sum(&out, "istio_tcp_connections_closed_total", &dest),
+        1.0,
+        "{out}"
+    );
     let inbound = mesh.pod("server").metrics().unwrap();
-    let me = [("reporter", "destination"), ("destination_workload", "server")];
-    assert!(metric_sum(&inbound, "istio_tcp_received_bytes_total", &me) >= (64 * MIB) as f64, "{inbound}");
-    assert!(metric_sum(&inbound, "istio_tcp_sent_bytes_total", &me) >= (64 * MIB) as f64, "{inbound}");
+    let me = [
+        ("reporter", "destination"),
+        ("destination_workload", "server"),
+    ];
+    assert!(
+        metric_sum(&inbound, "istio_tcp_received_bytes_total", &me) >= (64 * MIB) as f64,
+        "{inbound}"
+    );
+    assert!(
+        metric_sum(&inbound, "istio_tcp_sent_bytes_total", &me) >= (64 * MIB) as f64,
+        "{inbound}"
+    );
 }
 
 #[test]
@@ -79,18 +113,52 @@ fn ipv6_is_captured_outbound_and_inbound() {
     if !prerequisites() {
         return;
     }
-    let mesh = mesh("auto", &["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    let mesh = mesh(
+        "auto",
+        &["echo"],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::meshed("server", Some("echo"), "v1"),
+        ],
+    );
     let client = mesh.pod("client");
     let vip6 = SocketAddr::from((mesh.vip6("echo"), ECHO_PORT));
     assert_eq!(echo_exact(client.connect(vip6).unwrap(), MIB), MIB as u64);
     let server6 = SocketAddr::from((mesh.pod("server").ipv6, ECHO_PORT));
-    assert_eq!(echo_exact(client.connect(server6).unwrap(), MIB), MIB as u64);
+    assert_eq!(
+        echo_exact(client.connect(server6).unwrap(), MIB),
+        MIB as u64
+    );
 
     let out = client.metrics().unwrap();
-    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "echo.mesh.svc.cluster.local")]), 1.0, "{out}");
-    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "PassthroughCluster")]), 1.0, "{out}");
+    assert_eq!(
+        metric_sum(
+            &out,
+            "istio_tcp_connections_opened_total",
+            &[("destination_service", "echo.mesh.svc.cluster.local")]
+        ),
+        1.0,
+        "{out}"
+    );
+    assert_eq!(
+        metric_sum(
+            &out,
+            "istio_tcp_connections_opened_total",
+            &[("destination_service", "PassthroughCluster")]
+        ),
+        1.0,
+        "{out}"
+    );
     let inbound = mesh.pod("server").metrics().unwrap();
-    assert_eq!(metric_sum(&inbound, "istio_tcp_connections_opened_total", &[("reporter", "destination")]), 2.0, "{inbound}");
+    assert_eq!(
+        metric_sum(
+            &inbound,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")]
+        ),
+        2.0,
+        "{inbound}"
+    );
 }
 
 /// Destinations outside the registry pass through under ALLOW_ANY and are refused under
@@ -99,10 +167,21 @@ fn passthrough_and_registry_only(backend: &str) {
     if !prerequisites() {
         return;
     }
-    let mesh = mesh(backend, &["hello"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("hello-v1", Some("hello"), "v1"), PodSpec::unmeshed("legacy")]);
+    let mesh = mesh(
+        backend,
+        &["hello"],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::meshed("hello-v1", Some("hello"), "v1"),
+            PodSpec::unmeshed("legacy"),
+        ],
+    );
     let client = mesh.pod("client");
     let legacy = SocketAddr::from((mesh.pod("legacy").ipv4, 8080));
-    assert_eq!(client.http_get(legacy, "/").unwrap(), (200, "hello from legacy\n".into()));
+    assert_eq!(
+        client.http_get(legacy, "/").unwrap(),
+        (200, "hello from legacy\n".into())
+    );
 
     let version = mesh
         .write_config(vec![SourceFile::new(
@@ -114,13 +193,41 @@ fn passthrough_and_registry_only(backend: &str) {
     mesh.wait_for_version(&version, false).unwrap();
     // The connect itself succeeds (the sidecar accepts), then it is closed without a byte.
     let refused = client.http_get(legacy, "/");
-    assert!(refused.is_err(), "REGISTRY_ONLY let {legacy} through: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "REGISTRY_ONLY let {legacy} through: {refused:?}"
+    );
     let vip = SocketAddr::from((mesh.vip4("hello"), HTTP_SERVICE_PORT));
-    assert_eq!(client.http_get(vip, "/").unwrap(), (200, "hello from hello-v1\n".into()));
+    assert_eq!(
+        client.http_get(vip, "/").unwrap(),
+        (200, "hello from hello-v1\n".into())
+    );
 
     let out = client.metrics().unwrap();
-    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "PassthroughCluster"), ("response_flags", "-")]), 1.0, "{out}");
-    assert_eq!(metric_sum(&out, "istio_tcp_connections_opened_total", &[("destination_service", "BlackHoleCluster"), ("response_flags", "NR")]), 1.0, "{out}");
+    assert_eq!(
+        metric_sum(
+            &out,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("destination_service", "PassthroughCluster"),
+                ("response_flags", "-")
+            ]
+        ),
+        1.0,
+        "{out}"
+    );
+    assert_eq!(
+        metric_sum(
+            &out,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("destination_service", "BlackHoleCluster"),
+                ("response_flags", "NR")
+            ]
+        ),
+        1.0,
+        "{out}"
+    );
 }
 
 #[test]
@@ -143,7 +250,11 @@ fn live_routing_change(backend: &str) {
     let mesh = mesh(
         backend,
         &["hello"],
-        vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("hello-v1", Some("hello"), "v1"), PodSpec::meshed("hello-v2", Some("hello"), "v2")],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::meshed("hello-v1", Some("hello"), "v1"),
+            PodSpec::meshed("hello-v2", Some("hello"), "v2"),
+        ],
     );
     let client = mesh.pod("client");
     let http = SocketAddr::from((mesh.vip4("hello"), HTTP_SERVICE_PORT));
@@ -153,24 +264,43 @@ fn live_routing_change(backend: &str) {
     let v1 = mesh.write_config(routes("v1")).unwrap();
     mesh.wait_for_version(&v1, false).unwrap();
     for _ in 0..4 {
-        assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v1\n");
+        assert_eq!(
+            client.http_get(http, "/").unwrap().1,
+            "hello from hello-v1\n"
+        );
     }
     let mut open = client.connect(echo).unwrap();
-    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     roundtrip(&mut open, b"before the change");
 
     let v2 = mesh.write_config(routes("v2")).unwrap();
     mesh.wait_for_version(&v2, false).unwrap();
     for _ in 0..4 {
-        assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v2\n");
+        assert_eq!(
+            client.http_get(http, "/").unwrap().1,
+            "hello from hello-v2\n"
+        );
     }
     roundtrip(&mut open, b"after the change: still connected");
 
     // Garbage YAML, then a config that parses but names a subset nobody defines.
-    let garbage = mesh.write_config(vec![SourceFile::new("routes.yaml", "kind: [unclosed")]).unwrap();
+    let garbage = mesh
+        .write_config(vec![SourceFile::new("routes.yaml", "kind: [unclosed")])
+        .unwrap();
     let dump = client.wait_for_version(&garbage, true).unwrap();
-    assert_eq!(dump["version"], v2.as_str(), "the last good config must keep serving");
-    assert!(dump["lastError"]["issues"][0].as_str().unwrap().starts_with("routes.yaml: invalid YAML"), "{dump}");
+    assert_eq!(
+        dump["version"],
+        v2.as_str(),
+        "the last good config must keep serving"
+    );
+    assert!(
+        dump["lastError"]["issues"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("routes.yaml: invalid YAML"),
+        "{dump}"
+    );
     let mut bad = routes("v3");
     bad[0].text = bad[0].text.replace("[{name: v1", "[{name: v9");
     let bad_version = mesh.write_config(bad).unwrap();
@@ -180,18 +310,40 @@ fn live_routing_change(backend: &str) {
         issue.starts_with("routes.yaml: VirtualService mesh/hello: spec.tcp[0].route[0].destination.subset: no DestinationRule"),
         "{issue}"
     );
-    assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v2\n");
+    assert_eq!(
+        client.http_get(http, "/").unwrap().1,
+        "hello from hello-v2\n"
+    );
     roundtrip(&mut open, b"after a rejected config");
     let text = client.metrics().unwrap();
-    assert_eq!(metric_sum(&text, "isthmus_config_reloads_total", &[("result", "failure")]), 2.0, "{text}");
-    assert_eq!(metric_sum(&text, "isthmus_config_version", &[("version", &v2)]), 1.0, "{text}");
+    assert_eq!(
+        metric_sum(
+            &text,
+            "isthmus_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "isthmus_config_version", &[("version", &v2)]),
+        1.0,
+        "{text}"
+    );
 
     // Fixed again: loads, and the error is cleared.
     let v1_again = mesh.write_config(routes("v1")).unwrap();
     let dump = client.wait_for_version(&v1_again, false).unwrap();
     assert!(dump["lastError"].is_null(), "{dump}");
-    assert_eq!(client.http_get(http, "/").unwrap().1, "hello from hello-v1\n");
-    assert_eq!(client_proxy_pid(&mesh), pid_before, "the sidecar must not restart");
+    assert_eq!(
+        client.http_get(http, "/").unwrap().1,
+        "hello from hello-v1\n"
+    );
+    assert_eq!(
+        client_proxy_pid(&mesh),
+        pid_before,
+        "the sidecar must not restart"
+    );
 }
 
 fn roundtrip(stream: &mut std::net::TcpStream, msg: &[u8]) {
@@ -202,7 +354,8 @@ fn roundtrip(stream: &mut std::net::TcpStream, msg: &[u8]) {
 }
 
 fn client_proxy_pid(mesh: &Mesh) -> u64 {
-    let dump: serde_json::Value = serde_json::from_str(&mesh.pod("client").admin("/config_dump").unwrap()).unwrap();
+    let dump: serde_json::Value =
+        serde_json::from_str(&mesh.pod("client").admin("/config_dump").unwrap()).unwrap();
     dump["proxy"]["pid"].as_u64().unwrap()
 }
 
@@ -223,13 +376,32 @@ fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
     if !prerequisites() {
         return;
     }
-    let mut spec = MeshSpec::new(&["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    let mut spec = MeshSpec::new(
+        &["echo"],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::meshed("server", Some("echo"), "v1"),
+        ],
+    );
     spec.block_io_uring = true;
     let mesh = Mesh::start(spec).unwrap();
-    assert!(backend_metric(&mesh, "client").contains("epoll"), "{}", backend_metric(&mesh, "client"));
-    assert!(mesh.pod("client").log("proxy.log").contains("io_uring unavailable"), "{}", mesh.pod("client").log("proxy.log"));
+    assert!(
+        backend_metric(&mesh, "client").contains("epoll"),
+        "{}",
+        backend_metric(&mesh, "client")
+    );
+    assert!(
+        mesh.pod("client")
+            .log("proxy.log")
+            .contains("io_uring unavailable"),
+        "{}",
+        mesh.pod("client").log("proxy.log")
+    );
     let vip = SocketAddr::from((mesh.vip4("echo"), ECHO_PORT));
-    assert_eq!(echo_exact(mesh.pod("client").connect(vip).unwrap(), 4 * MIB), (4 * MIB) as u64);
+    assert_eq!(
+        echo_exact(mesh.pod("client").connect(vip).unwrap(), 4 * MIB),
+        (4 * MIB) as u64
+    );
 }
 
 /// Forcing io_uring where it is blocked is a clear start-up error, not a crash.
@@ -241,9 +413,14 @@ fn forcing_io_uring_where_blocked_fails_clearly() {
     let mut spec = MeshSpec::new(&[], vec![PodSpec::meshed("client", None, "v1")]);
     spec.block_io_uring = true;
     spec.proxy_args = vec!["--io-backend".into(), "io-uring".into()];
-    let err = Mesh::start(spec).err().expect("the sidecar must refuse to start");
+    let err = Mesh::start(spec)
+        .err()
+        .expect("the sidecar must refuse to start");
     let text = err.to_string();
-    assert!(text.contains("io_uring is unavailable") && text.contains("seccomp"), "{text}");
+    assert!(
+        text.contains("io_uring is unavailable") && text.contains("seccomp"),
+        "{text}"
+    );
 }
 
 /// Tearing a mesh down leaves no namespace and no process behind.
@@ -252,15 +429,36 @@ fn teardown_leaves_nothing_behind() {
     if !prerequisites() {
         return;
     }
-    let mesh = mesh("auto", &["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::unmeshed("other")]);
-    let names: Vec<String> = mesh.pods.iter().map(|p| p.netns().name().to_string()).collect();
+    let mesh = mesh(
+        "auto",
+        &["echo"],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::unmeshed("other"),
+        ],
+    );
+    let names: Vec<String> = mesh
+        .pods
+        .iter()
+        .map(|p| p.netns().name().to_string())
+        .collect();
     let pid = client_proxy_pid(&mesh);
     drop(mesh);
-    let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     for name in names {
         assert!(!list.contains(&name), "{name} still exists:\n{list}");
     }
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "sidecar {pid} still running");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "sidecar {pid} still running"
+    );
 }
 
 /// SIGTERM: readiness fails at once, open and new outbound connections keep working, and the
@@ -270,32 +468,59 @@ fn sigterm_drains_then_exits_when_idle() {
     if !prerequisites() {
         return;
     }
-    let mut spec = MeshSpec::new(&["echo"], vec![PodSpec::meshed("client", None, "v1"), PodSpec::meshed("server", Some("echo"), "v1")]);
+    let mut spec = MeshSpec::new(
+        &["echo"],
+        vec![
+            PodSpec::meshed("client", None, "v1"),
+            PodSpec::meshed("server", Some("echo"), "v1"),
+        ],
+    );
     spec.proxy_args = vec!["--drain-timeout-secs".into(), "60".into()];
     let mut mesh = Mesh::start(spec).unwrap();
     let vip = SocketAddr::from((mesh.vip4("echo"), ECHO_PORT));
     let mut open = mesh.pod("client").connect(vip).unwrap();
-    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     roundtrip(&mut open, b"before SIGTERM");
 
     let pid = mesh.pod("client").proxy_pid().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = mesh.pod("client").http_get(ready, "/healthz/ready").unwrap();
+        let (status, body) = mesh
+            .pod("client")
+            .http_get(ready, "/healthz/ready")
+            .unwrap();
         if status == 503 {
             assert_eq!(body, "DRAINING\n");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "readiness never turned 503");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness never turned 503"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     roundtrip(&mut open, b"while draining");
-    assert_eq!(echo_exact(mesh.pod("client").connect(vip).unwrap(), MIB), MIB as u64, "outbound must keep working while draining");
+    assert_eq!(
+        echo_exact(mesh.pod("client").connect(vip).unwrap(), MIB),
+        MIB as u64,
+        "outbound must keep working while draining"
+    );
     let client = mesh.pods.iter_mut().find(|p| p.name == "client").unwrap();
-    assert_eq!(client.wait_proxy_exit(Duration::from_millis(300)), None, "exited with a connection open");
+    assert_eq!(
+        client.wait_proxy_exit(Duration::from_millis(300)),
+        None,
+        "exited with a connection open"
+    );
     drop(open);
-    let status = client.wait_proxy_exit(Duration::from_secs(10)).expect("sidecar did not exit after its last connection closed");
+    let status = client
+        .wait_proxy_exit(Duration::from_secs(10))
+        .expect("sidecar did not exit after its last connection closed");
     assert!(status.success(), "{status}");
 }

@@ -487,7 +487,10 @@ impl Pod {
 
     /// The sidecar's process id.
     pub fn proxy_pid(&self) -> Option<u32> {
-        self.processes.iter().find(|(name, _)| name == "proxy").map(|(_, c)| c.id())
+        self.processes
+            .iter()
+            .find(|(name, _)| name == "proxy")
+            .map(|(_, c)| c.id())
     }
 
     /// Waits (bounded) for the sidecar to exit; its exit status, or `None` if still running.
@@ -575,7 +578,11 @@ impl Pod {
                 .filter(|(name, _)| name == "proxy")
                 .find_map(|(_, child)| child.try_wait().ok().flatten());
             if let Some(status) = exited {
-                return Err(MeshError::Failed(format!("sidecar of {} exited ({status}):\n{}", self.name, self.log("proxy.log"))));
+                return Err(MeshError::Failed(format!(
+                    "sidecar of {} exited ({status}):\n{}",
+                    self.name,
+                    self.log("proxy.log")
+                )));
             }
             if Instant::now() > deadline {
                 return Err(MeshError::Failed(format!(

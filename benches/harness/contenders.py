@@ -1,0 +1,384 @@
+"""Contenders: one object per thing in the path between load generator and upstream.
+
+A contender says which pod the load generator runs in, which URL it hits, where TCP bulk
+goes, and which processes are "the proxy" (for CPU and RSS). Adding one is one more entry
+in `all_contenders()`; see README.md ("Adding a contender").
+"""
+
+import os
+import time
+
+from . import topology as T
+from . import upstream
+from .ns import children, ip  # noqa: F401
+
+
+class Env:
+    """What contenders need from the run: pods, binaries, CPUs, worker count."""
+
+    def __init__(self, topo, bin_dir, work_dir, workers, proxy_cpus):
+        self.topo = topo
+        self.bin_dir = bin_dir
+        self.work_dir = work_dir
+        self.workers = workers
+        self.proxy_cpus = proxy_cpus
+
+
+class Contender:
+    name = "?"
+    description = ""
+    group = "?"  # baseline | isthmus | peer-tcp | peer-http
+    client_pod = "cli"
+    tcp = True  # can carry raw TCP (bulk throughput, idle connections)
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, env):
+        self.env = env
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs = []
+
+    def target(self):
+        """(host, port) the HTTP load goes to."""
+        raise NotImplementedError
+
+    def bulk_target(self):
+        return None
+
+    def url(self):
+        host, port = self.target()
+        return f"http://{host}:{port}/"
+
+    def proxy_pids(self):
+        pids = []
+        for p in self.procs:
+            pids.extend(children(p.pid))
+        return pids
+
+    def client(self):
+        return self.env.topo.pod(self.client_pod)
+
+    def check_alive(self):
+        for p in self.procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.log_tail()}")
+
+    def verify(self):
+        host, port = self.target()
+        upstream.verify(self.client(), host, port)
+
+
+class Direct(Contender):
+    name = "direct"
+    description = "no proxy: client pod → server pod (the limit)"
+    group = "baseline"
+
+    def target(self):
+        return (T.PODS["srv"], T.HTTP_PORT)
+
+    def bulk_target(self):
+        return (T.PODS["srv"], T.BULK_PORT)
+
+
+def registry_yaml(protocol="TCP", extra_services=0, new_route=False):
+    """The ServiceEntries isthmus loads. extra_services adds N unrelated services (memory and
+    reload tests); new_route adds VIP_NEW → srv."""
+    def se(name, vip, endpoint):
+        return (
+            f"---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+            f"metadata: {{name: {name}, namespace: bench}}\n"
+            f"spec:\n  hosts: [{name}.bench.svc.cluster.local]\n  addresses: [{vip}]\n"
+            f"  location: MESH_INTERNAL\n  resolution: STATIC\n  ports:\n"
+            f"  - {{number: 80, name: {protocol.lower()}-web, protocol: {protocol}, "
+            f"targetPort: {T.HTTP_PORT}}}\n"
+            f"  - {{number: {T.BULK_PORT}, name: tcp-bulk, protocol: TCP}}\n"
+            f"  endpoints:\n  - {{address: {endpoint}}}\n")
+    out = [se("one", T.VIP_ONE, T.PODS["srv"]), se("two", T.VIP_TWO, T.PODS["srvm"])]
+    if new_route:
+        out.append(se("new", T.VIP_NEW, T.PODS["srv"]))
+    for i in range(extra_services):
+        # 10.100.0.0/16 .. : unique VIPs, endpoints in a range nothing uses.
+        vip = f"10.{100 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        ep = f"10.{150 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        out.append(
+            f"---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+            f"metadata: {{name: svc-{i}, namespace: bench}}\n"
+            f"spec:\n  hosts: [svc-{i}.bench.svc.cluster.local]\n  addresses: [{vip}]\n"
+            f"  location: MESH_INTERNAL\n  resolution: STATIC\n  ports:\n"
+            f"  - {{number: 80, name: tcp-web, protocol: TCP, targetPort: 8080}}\n"
+            f"  endpoints:\n  - {{address: {ep}}}\n")
+    return "".join(out)
+
+
+class ConfigDir:
+    """A ConfigMap-style directory (kubelet's ..data symlink swap), like isthmus-ctl writes."""
+
+    def __init__(self, path):
+        self.path = path
+        self.generation = 0
+        os.makedirs(path, exist_ok=True)
+
+    def write(self, files):
+        self.generation += 1
+        stamp = f"..{time.time_ns()}_{self.generation}"
+        data = os.path.join(self.path, stamp)
+        os.mkdir(data)
+        for name, text in files.items():
+            with open(os.path.join(data, name), "w") as f:
+                f.write(text)
+        tmp = os.path.join(self.path, "..data_tmp")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(stamp, tmp)
+        link = os.path.join(self.path, "..data")
+        old = os.readlink(link) if os.path.lexists(link) else None
+        os.rename(tmp, link)  # the atomic step
+        for entry in os.listdir(self.path):
+            if not entry.startswith(".") and entry not in files:
+                os.unlink(os.path.join(self.path, entry))
+        for name in files:
+            visible = os.path.join(self.path, name)
+            if not os.path.lexists(visible):
+                os.symlink(os.path.join("..data", name), visible)
+        if old:
+            import shutil
+            shutil.rmtree(os.path.join(self.path, old), ignore_errors=True)
+
+
+class Isthmus(Contender):
+    """isthmus-proxy in one of its modes.
+
+    mode: one-hop   client sidecar, outbound capture (isthmus-init REDIRECT, SO_ORIGINAL_DST)
+          two-hop   client sidecar outbound + server sidecar inbound capture
+          explicit  --no-capture --explicit 127.0.0.1:PORT=VIP:80 in the plain client pod
+    """
+
+    group = "isthmus"
+    EXPLICIT_PORT = 8001
+    EXPLICIT_BULK_PORT = 9001
+
+    def __init__(self, name, mode, backend="io-uring", extra_args=(), protocol="TCP",
+                 description=None):
+        super().__init__()
+        self.name = name
+        self.mode = mode
+        self.backend = backend
+        self.extra_args = list(extra_args)
+        self.protocol = protocol
+        self.client_pod = "cli" if mode == "explicit" else "clim"
+        self.description = description or {
+            "one-hop": f"client sidecar, outbound REDIRECT capture ({backend})",
+            "two-hop": f"client sidecar + server sidecar, inbound capture too ({backend})",
+            "explicit": f"--no-capture --explicit listener, no iptables ({backend})",
+        }[mode]
+        self.config = None
+        self.backend_seen = {}
+
+    def write_config(self, **kw):
+        self.config.write({"registry.yaml": registry_yaml(self.protocol, **kw)})
+
+    def proxy_argv(self, extra=()):
+        return [os.path.join(self.env.bin_dir, "isthmus-proxy"),
+                "--config-dir", self.config.path,
+                "--io-backend", self.backend,
+                "--workers", str(self.env.workers),
+                "--log", "warn",
+                *self.extra_args, *extra]
+
+    def start(self, env, config_kw=None):
+        super().start(env)
+        self.config = ConfigDir(os.path.join(env.work_dir, f"config-{self.name}"))
+        self.write_config(**(config_kw or {}))
+        pods = {"one-hop": ["clim"], "two-hop": ["clim", "srvm"], "explicit": ["cli"]}[self.mode]
+        for pod in pods:
+            extra = []
+            if self.mode == "explicit":
+                extra = ["--no-capture",
+                         "--explicit", f"127.0.0.1:{self.EXPLICIT_PORT}={T.VIP_ONE}:80",
+                         "--explicit",
+                         f"127.0.0.1:{self.EXPLICIT_BULK_PORT}={T.VIP_ONE}:{T.BULK_PORT}"]
+            uid = None if self.mode == "explicit" else T.PROXY_UID
+            p = env.topo.pod(pod).spawn(f"proxy-{self.name}", self.proxy_argv(extra), uid=uid,
+                                        cpus=env.proxy_cpus, nofile=65536)
+            self.procs.append(p)
+        for pod, p in zip(pods, self.procs):
+            self.wait_ready(env.topo.pod(pod), p)
+            self.backend_seen[pod] = self.backend_in_use(env.topo.pod(pod))
+
+    def wait_ready(self, ns, proc, timeout=15):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+            try:
+                status, _ = upstream.http_get(ns, "127.0.0.1", 15021, "/healthz/ready",
+                                              timeout=0.5)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"{proc.name} not ready after {timeout}s:\n{proc.log_tail()}")
+
+    def backend_in_use(self, ns):
+        try:
+            _, body = upstream.http_get(ns, "127.0.0.1", 15020, "/stats/prometheus")
+        except OSError:
+            return "?"
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith("isthmus_proxy_io_backend{") and line.rstrip().endswith(" 1"):
+                return line.split('backend="', 1)[1].split('"', 1)[0]
+        return "?"
+
+    def admin_pod(self):
+        return self.env.topo.pod(self.client_pod)
+
+    def config_dump(self):
+        import json
+        _, body = upstream.http_get(self.admin_pod(), "127.0.0.1", 15000, "/config_dump")
+        return json.loads(body)
+
+    def target(self):
+        if self.mode == "explicit":
+            return ("127.0.0.1", self.EXPLICIT_PORT)
+        return (T.VIP_TWO if self.mode == "two-hop" else T.VIP_ONE, 80)
+
+    def bulk_target(self):
+        if self.mode == "explicit":
+            return ("127.0.0.1", self.EXPLICIT_BULK_PORT)
+        return (T.VIP_TWO if self.mode == "two-hop" else T.VIP_ONE, T.BULK_PORT)
+
+
+class HAProxy(Contender):
+    """HAProxy (Debian package), explicit proxy in the client pod; mode tcp or http."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.name = f"haproxy-{mode}"
+        self.group = "peer-tcp" if mode == "tcp" else "peer-http"
+        self.tcp = mode == "tcp"
+        self.port = 8002 if mode == "tcp" else 8012
+        self.description = f"HAProxy mode {mode}, explicit listener, same single route"
+
+    def start(self, env):
+        super().start(env)
+        d = os.path.join(env.work_dir, self.name)
+        os.makedirs(d, exist_ok=True)
+        srv = T.PODS["srv"]
+        http = self.mode == "http"
+        cfg = f"""global
+  nbthread {env.workers}
+  maxconn 60000
+defaults
+  mode {self.mode}
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+{"  option http-keep-alive" if http else ""}
+frontend web
+  bind 127.0.0.1:{self.port}
+  default_backend web
+backend web
+{"  http-reuse always" if http else ""}
+  server s1 {srv}:{T.HTTP_PORT}
+"""
+        if not http:
+            cfg += f"""frontend bulk
+  bind 127.0.0.1:{self.port + 1000}
+  default_backend bulk
+backend bulk
+  server s1 {srv}:{T.BULK_PORT}
+"""
+        path = os.path.join(d, "haproxy.cfg")
+        with open(path, "w") as f:
+            f.write(cfg)
+        p = env.topo.pod("cli").spawn(self.name, ["haproxy", "-db", "-f", path],
+                                      cpus=env.proxy_cpus, nofile=200000)
+        self.procs.append(p)
+        upstream.wait_listening(env.topo.pod("cli"), "127.0.0.1", self.port, proc=p)
+
+    def target(self):
+        return ("127.0.0.1", self.port)
+
+    def bulk_target(self):
+        return ("127.0.0.1", self.port + 1000) if self.tcp else None
+
+
+class Nginx(Contender):
+    """nginx (Debian package), explicit proxy in the client pod; stream or http."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.name = f"nginx-{mode}"
+        self.group = "peer-tcp" if mode == "stream" else "peer-http"
+        self.tcp = mode == "stream"
+        self.port = 8003 if mode == "stream" else 8013
+        self.description = f"nginx {mode} proxy, explicit listener, same single route"
+
+    def start(self, env):
+        super().start(env)
+        d = os.path.join(env.work_dir, self.name)
+        os.makedirs(os.path.join(d, "logs"), exist_ok=True)
+        srv = T.PODS["srv"]
+        if self.mode == "stream":
+            body = f"""stream {{
+  server {{ listen 127.0.0.1:{self.port} backlog=4096; proxy_pass {srv}:{T.HTTP_PORT}; }}
+  server {{ listen 127.0.0.1:{self.port + 1000}; proxy_pass {srv}:{T.BULK_PORT}; }}
+}}"""
+        else:
+            body = f"""http {{
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 600s;
+  upstream web {{ server {srv}:{T.HTTP_PORT}; keepalive 256; keepalive_requests 100000000; }}
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    location / {{
+      proxy_pass http://web;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}"""
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""daemon off;
+master_process on;
+worker_processes {env.workers};
+worker_rlimit_nofile 65536;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 30000; }}
+{body}
+""")
+        p = env.topo.pod("cli").spawn(self.name, ["nginx", "-p", d, "-e", "stderr", "-c", conf],
+                                      cpus=env.proxy_cpus, nofile=65536)
+        self.procs.append(p)
+        upstream.wait_listening(env.topo.pod("cli"), "127.0.0.1", self.port, proc=p)
+
+    def target(self):
+        return ("127.0.0.1", self.port)
+
+    def bulk_target(self):
+        return ("127.0.0.1", self.port + 1000) if self.tcp else None
+
+
+def all_contenders():
+    """Every contender, in run order. Add new isthmus modes (HTTP, mTLS) here."""
+    return [
+        Direct(),
+        Isthmus("isthmus-1hop", "one-hop", "io-uring"),
+        Isthmus("isthmus-1hop-epoll", "one-hop", "epoll"),
+        Isthmus("isthmus-2hop", "two-hop", "io-uring"),
+        Isthmus("isthmus-explicit", "explicit", "io-uring"),
+        HAProxy("tcp"),
+        Nginx("stream"),
+        HAProxy("http"),
+        Nginx("http"),
+    ]
