@@ -143,7 +143,18 @@ async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::i
         response.body
     );
     stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    // Lingering close: closing with unread input would send RST, and the client could lose
+    // the response (a 431 is exactly that case). Drain a bounded amount first.
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < 256 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+    Ok(())
 }
 
 fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response {
@@ -196,5 +207,92 @@ fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response
             "GET /config_dump\nGET /ready\nGET /stats/prometheus\nPOST /logging?level=LEVEL\nPOST /quitquitquit\n",
         ),
         _ => Response::text(404, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn start() -> (SocketAddr, Arc<AdminState>) {
+        let metrics = Arc::new(Metrics::new());
+        let state = Arc::new(AdminState {
+            store: ConfigStore::new(metrics.clone()),
+            metrics,
+            listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            set_log_level: Arc::new(|l: &str| {
+                if l == "debug" {
+                    Ok(())
+                } else {
+                    Err("no".into())
+                }
+            }),
+            info: json!({}),
+        });
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Role::Admin, state.clone()));
+        (addr, state)
+    }
+
+    async fn send(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_listeners_config_and_drain() {
+        let (addr, state) = start().await;
+        assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 503"));
+        state.listening.store(true, Ordering::Release);
+        assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 503"));
+        state
+            .store
+            .reload_from(std::path::Path::new("/nonexistent/isthmus"));
+        assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        assert!(send(addr, b"GET /quitquitquit HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 405"));
+        assert!(send(addr, b"POST /quitquitquit HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        let reply = send(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
+        assert!(
+            reply.starts_with("HTTP/1.1 503") && reply.ends_with("DRAINING\n"),
+            "{reply}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_clear_errors() {
+        let (addr, _) = start().await;
+        assert!(send(addr, b"\x00\x01garbage\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400"));
+        let mut huge = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 20_000));
+        assert!(send(addr, &huge).await.starts_with("HTTP/1.1 431"));
+        assert!(send(addr, b"GET /nope HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        assert!(send(addr, b"POST /logging?level=debug HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        assert!(send(addr, b"POST /logging?level=%% HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400"));
+        let dump = send(addr, b"GET /config_dump HTTP/1.1\r\n\r\n").await;
+        assert!(dump.contains("\"lastError\": null"), "{dump}");
     }
 }

@@ -239,3 +239,44 @@ fn dump_shows_routes_and_endpoints() {
         "10.66.0.3:8081"
     );
 }
+
+/// Mangled versions of a valid config (truncated, bytes flipped, lines dropped) must come back
+/// as errors or snapshots, never a panic.
+#[test]
+fn mangled_input_never_panics() {
+    let text = format!("{REGISTRY}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: shop}}\nspec: {{hosts: [reviews], tcp: [{{route: [{{destination: {{host: reviews}}}}]}}]}}\n");
+    let bytes = text.as_bytes();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..3000 {
+        let mut mangled = bytes.to_vec();
+        match round % 3 {
+            0 => mangled.truncate((next() as usize) % bytes.len()),
+            1 => {
+                for _ in 0..4 {
+                    let i = (next() as usize) % mangled.len();
+                    mangled[i] = b"{}[]:-,'\"\n #&*!|>0a"[(next() as usize) % 19];
+                }
+            }
+            _ => {
+                let lines: Vec<&str> = text.lines().collect();
+                let drop = (next() as usize) % lines.len();
+                mangled = lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != drop)
+                    .map(|(_, l)| *l)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .into_bytes();
+            }
+        }
+        let text = String::from_utf8_lossy(&mangled).into_owned();
+        let _ = load(&[SourceFile::new("m.yaml", text)]);
+    }
+}
