@@ -1,0 +1,352 @@
+"""The measures: latency at fixed rates, max throughput, TCP bulk, memory, reload.
+Each returns plain data (lists of samples) that report.py turns into tables."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+from . import load
+from . import topology as T
+from . import upstream
+from .ns import proc_cpu_seconds, proc_rss_bytes
+
+
+class Plan:
+    """What to run; `smoke()` and `full()` are the two presets, flags override."""
+
+    def __init__(self, **kw):
+        self.rounds = 3
+        self.rates = [500, 1000, 2000]
+        self.conns = [4, 16, 64]
+        # (rate, conns) cells: the rate sweep at 16 connections plus the connection sweep at
+        # 1000 rps (the full 3x3 grid is --grid full).
+        self.cells = None
+        self.duration = 6
+        self.warmup = 1
+        self.maxrps_duration = 5
+        self.maxrps_conns = 64
+        self.bulk_bytes = 2 << 30
+        self.memory = True
+        self.routes = [1000, 10000]
+        self.idle_conns = [1000, 10000]
+        self.reload = True
+        self.reload_rounds = 3
+        self.__dict__.update(kw)
+
+    def grid(self):
+        if self.cells:
+            return self.cells
+        cells = [(r, 16) for r in self.rates]
+        cells += [(1000, c) for c in self.conns if c != 16]
+        return cells
+
+    @staticmethod
+    def smoke():
+        return Plan(rounds=1, cells=[(500, 16)], duration=2, warmup=0, maxrps_duration=2,
+                    bulk_bytes=64 << 20, routes=[1000], idle_conns=[200], reload_rounds=1)
+
+    @staticmethod
+    def full():
+        return Plan()
+
+
+class Results:
+    def __init__(self):
+        self.latency = {}  # (contender, rate, conns) -> [Sample]
+        self.maxrps = {}  # contender -> [Sample]
+        self.bulk = {}  # contender -> [dict]
+        self.memory = {}  # contender -> dict
+        self.reload = []  # [dict]
+        self.failures = []  # (contender, what, message)
+        self.backends = {}  # contender -> {pod: backend}
+        self.contenders = []  # [(name, description, group)]
+
+    def add(self, table, key, value):
+        table.setdefault(key, []).append(value)
+
+
+def run_load(ctx, c, rate, conns, duration, closed_loop=False):
+    ns = c.client()
+    pids = c.proxy_pids()
+    if ctx.oha and not closed_loop:
+        return load.run_oha(ctx.oha, ns, c.url(), rate, conns, duration, pids, ctx.loadgen_cpus)
+    return load.run_wrk(ns, c.url(), conns, duration, pids, ctx.loadgen_cpus)
+
+
+def bulk(ctx, c, nbytes):
+    host, port = c.bulk_target()
+    pids = c.proxy_pids()
+    cpu0 = proc_cpu_seconds(pids)
+    out = os.path.join(ctx.work_dir, f"bulk-{c.name}-{time.time_ns()}.json")
+    with open(out, "wb") as f:
+        p = c.client().spawn("bulk-send", ["python3", upstream.HELPER, "send", host, str(port),
+                                           str(nbytes)], cpus=ctx.loadgen_cpus, stdout=f)
+    rc, _ = p.wait_rusage(timeout=300)
+    cpu = proc_cpu_seconds(pids) - cpu0
+    with open(out) as f:
+        text = f.read().strip()
+    os.unlink(out)
+    r = {"problems": []}
+    try:
+        j = json.loads(text.splitlines()[-1])
+    except (ValueError, IndexError):
+        r["problems"].append(f"sender failed (rc {rc}): {p.log_tail(5)}")
+        return r
+    r.update(bytes=j["bytes"], seconds=j["seconds"], gbps=j["bytes"] / j["seconds"] / 1e9,
+             proxy_cpu=cpu)
+    if j["received"] != j["bytes"]:
+        r["problems"].append(f"receiver counted {j['received']} of {j['bytes']} bytes")
+    return r
+
+
+def run_contender_round(ctx, plan, results, c):
+    """Starts c, runs every per-round measure on it, stops it."""
+    env = ctx.env
+    try:
+        c.start(env)
+        c.verify()
+        if isinstance(getattr(c, "backend_seen", None), dict) and c.backend_seen:
+            results.backends[c.name] = dict(c.backend_seen)
+        if plan.warmup:
+            run_load(ctx, c, 1000, 16, plan.warmup)
+        for rate, conns in plan.grid():
+            s = run_load(ctx, c, rate, conns, plan.duration)
+            c.check_alive()
+            results.add(results.latency, (c.name, rate, conns), s)
+            ctx.log(f"    {c.name:20} {rate:5} rps c={conns:<3} " + fmt_sample(s))
+        s = run_load(ctx, c, None, plan.maxrps_conns, plan.maxrps_duration, closed_loop=True)
+        # Closed loop: the generator is meant to be the limit or near it; note, don't reject.
+        s["saturated"] = [p for p in s["problems"] if "saturated" in p]
+        s["problems"] = [p for p in s["problems"] if "saturated" not in p]
+        results.add(results.maxrps, c.name, s)
+        ctx.log(f"    {c.name:20} max rps c={plan.maxrps_conns}: {s['rps']:.0f} rps "
+                f"proxy cpu {s['proxy_cpu']:.2f}s " + ("OK" if s.valid else str(s["problems"])))
+        if c.tcp and c.bulk_target() and plan.bulk_bytes:
+            b = bulk(ctx, c, plan.bulk_bytes)
+            results.add(results.bulk, c.name, b)
+            ctx.log(f"    {c.name:20} bulk: " + (f"{b['gbps']:.2f} GB/s" if "gbps" in b
+                                                   else str(b["problems"])))
+        c.check_alive()
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        results.failures.append((c.name, "round", f"{type(e).__name__}: {e}"))
+        ctx.log(f"    {c.name}: FAILED: {e}")
+    finally:
+        c.stop()
+
+
+def fmt_sample(s):
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+    base = (f"p50 {f(s.get('p50'))} p90 {f(s.get('p90'))} p99 {f(s.get('p99'))} "
+            f"p99.9 {f(s.get('p999'))} ms, {s['requests']} req, gen cpu {s['loadgen_cpu']:.0%}")
+    return base + ("" if s.valid else f"  INVALID: {'; '.join(s['problems'])}")
+
+
+# ---------------------------------------------------------------- memory
+
+def _established(pid, port):
+    """Established TCP connections with local port `port` in pid's namespace."""
+    n = 0
+    hexport = f":{port:04X}"
+    for path in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[1].endswith(hexport) and parts[3] == "01":
+                        n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _settle_rss(pids, wait=0.3):
+    time.sleep(wait)
+    return proc_rss_bytes(pids)
+
+
+def hold_connections(ctx, c, counts, log):
+    """Opens idle connections through c in steps; returns {count: rss}."""
+    ns = c.client()
+    host, port = c.target()
+    up_pid = ctx.env.topo.upstreams["srv" if c.name != "isthmus-2hop" else "srvm"].pid
+    base_up = _established(up_pid, T.HTTP_PORT)
+    socks = []
+    out = {0: _settle_rss(c.proxy_pids())}
+    try:
+        for target in counts:
+            def open_more(n):
+                made = []
+                for i in range(n):
+                    s = socket.socket()
+                    s.settimeout(5)
+                    s.connect((host, port))
+                    made.append(s)
+                    if i % 200 == 199:
+                        time.sleep(0.01)  # let the proxy drain its accept queue
+                return made
+            socks += ns.run(open_more, target - len(socks))
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                if _established(up_pid, T.HTTP_PORT) - base_up >= target:
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"only {_established(up_pid, T.HTTP_PORT) - base_up} of "
+                                   f"{target} connections reached the upstream")
+            c.check_alive()
+            out[target] = _settle_rss(c.proxy_pids(), 0.5)
+            log(f"    {c.name:20} {target} idle connections: RSS {out[target] / 1e6:.2f} MB")
+    finally:
+        for s in socks:
+            s.close()
+    return out
+
+
+def memory(ctx, plan, results, contenders):
+    from .contenders import Isthmus
+    for c in contenders:
+        if not c.tcp or c.name in ("direct",) or c.name == "isthmus-2hop":
+            continue
+        if c.group == "isthmus" and c.mode != "explicit":
+            continue  # capture and explicit share the same process; one is enough
+        m = {}
+        try:
+            c.start(ctx.env)
+            m["idle"] = _settle_rss(c.proxy_pids(), 0.5)
+            c.verify()
+            conns = hold_connections(ctx, c, plan.idle_conns, ctx.log)
+            m["conns"] = conns
+            c.stop()
+            if isinstance(c, Isthmus):
+                m["routes"] = {}
+                for n in [0] + list(plan.routes):
+                    c.start(ctx.env, config_kw={"extra_services": n})
+                    dump = c.config_dump()
+                    c.verify()
+                    m["routes"][n] = _settle_rss(c.proxy_pids(), 0.5)
+                    m.setdefault("versions", {})[n] = dump.get("version")
+                    ctx.log(f"    {c.name:20} {n} extra services: RSS "
+                            f"{m['routes'][n] / 1e6:.2f} MB")
+                    c.stop()
+            ctx.log(f"    {c.name:20} idle RSS {m['idle'] / 1e6:.2f} MB")
+        except Exception as e:  # noqa: BLE001
+            results.failures.append((c.name, "memory", f"{type(e).__name__}: {e}"))
+            ctx.log(f"    {c.name}: memory FAILED: {e}")
+        finally:
+            c.stop()
+        results.memory[c.name] = m
+
+
+# ---------------------------------------------------------------- reload
+
+def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
+    """Under 1000 rps to VIP_ONE, swaps in a config with extra_services services plus a new
+    route (VIP_NEW); measures when the new route answers and what the traffic saw."""
+    c.start(ctx.env)
+    try:
+        c.verify()
+        ns = c.client()
+        old_version = c.config_dump().get("version")
+        state = {"answer": None, "version": None, "attempts": 0, "stop": False}
+
+        def poll_route():
+            while not state["stop"] and state["answer"] is None:
+                state["attempts"] += 1
+                try:
+                    s = socket.create_connection((T.VIP_NEW, 80), timeout=0.2)
+                    s.settimeout(0.2)
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: new\r\nConnection: close\r\n\r\n")
+                    data = b""
+                    while True:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    s.close()
+                    if data.startswith(b"HTTP/1.1 200") and data.endswith(
+                            upstream.BODY.encode()):
+                        state["answer"] = time.monotonic()
+                        return
+                except OSError:
+                    pass
+                time.sleep(0.001)
+
+        def poll_version():
+            while not state["stop"] and state["version"] is None:
+                try:
+                    s = socket.create_connection(("127.0.0.1", 15000), timeout=0.5)
+                    s.sendall(b"GET /config_dump HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    data = b""
+                    while True:
+                        chunk = s.recv(1 << 20)
+                        if not chunk:
+                            break
+                        data += chunk
+                    s.close()
+                    body = json.loads(data.partition(b"\r\n\r\n")[2])
+                    if body.get("version") != old_version:
+                        state["version"] = time.monotonic()
+                        state["last_error"] = body.get("lastError")
+                        return
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.002)
+
+        result = {}
+
+        def traffic():
+            result["sample"] = run_load(ctx, c, 1000, 16, duration)
+
+        t = threading.Thread(target=traffic, daemon=True)
+        t.start()
+        time.sleep(swap_at)
+        # The new config is written the kubelet way; t0 is the atomic rename.
+        t0 = c.config.write({"registry.yaml": __import__(
+            "harness.contenders", fromlist=["registry_yaml"]).registry_yaml(
+                c.protocol, extra_services=extra_services, new_route=True)})
+        threads = [ns.thread(poll_route), ns.thread(poll_version)]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (state["answer"] is None
+                                               or state["version"] is None):
+            time.sleep(0.005)
+        state["stop"] = True
+        t.join(duration + 40)
+        for th in threads:
+            th.join(2)
+        s = result.get("sample")
+        c.check_alive()
+        r = {
+            "extra_services": extra_services,
+            "answer_ms": None if state["answer"] is None else (state["answer"] - t0) * 1000,
+            "version_ms": None if state["version"] is None else (state["version"] - t0) * 1000,
+            "last_error": state.get("last_error"),
+            "sample": s,
+            "debounce": next((a for a in c.extra_args if a.startswith("--config-debounce")), None),
+        }
+        return r
+    finally:
+        c.stop()
+
+
+def reload(ctx, plan, results, variants):
+    for rnd in range(plan.reload_rounds):
+        for c in variants:
+            try:
+                r = reload_once(ctx, plan, c, max(plan.routes))
+                r["contender"] = c.name
+                results.reload.append(r)
+                s = r["sample"]
+                ctx.log(f"    {c.name:28} new route answers after "
+                        f"{_f(r['answer_ms'])} ms (version after {_f(r['version_ms'])} ms); "
+                        f"traffic: " + fmt_sample(s))
+            except Exception as e:  # noqa: BLE001
+                results.failures.append((c.name, "reload", f"{type(e).__name__}: {e}"))
+                ctx.log(f"    {c.name}: reload FAILED: {e}")
+
+
+def _f(v):
+    return "never" if v is None else f"{v:.1f}"
