@@ -10,7 +10,7 @@ import time
 
 from . import topology as T
 from . import upstream
-from .ns import children, ip  # noqa: F401
+from .ns import children, ip, nofile_hard  # noqa: F401
 
 
 class Env:
@@ -33,6 +33,11 @@ class Contender:
 
     def __init__(self):
         self.procs = []
+
+    def unavailable(self):
+        """None, or why this contender cannot run on this machine (it is then skipped and
+        the results say so)."""
+        return None
 
     def start(self, env):
         self.env = env
@@ -114,6 +119,18 @@ def registry_yaml(protocol="TCP", extra_services=0, new_route=False):
     return "".join(out)
 
 
+# isthmus-proxy rejects a YAML file of more than 1024 documents ("budget breached:
+# Documents"), so big registries are split over several files, as a ConfigMap may hold.
+DOCS_PER_FILE = 1000
+
+
+def registry_files(protocol="TCP", extra_services=0, new_route=False):
+    docs = registry_yaml(protocol, extra_services, new_route).split("---\n")[1:]
+    return {f"registry-{i // DOCS_PER_FILE:03}.yaml":
+            "".join("---\n" + d for d in docs[i:i + DOCS_PER_FILE])
+            for i in range(0, len(docs), DOCS_PER_FILE)}
+
+
 class ConfigDir:
     """A ConfigMap-style directory (kubelet's ..data symlink swap), like isthmus-ctl writes."""
 
@@ -136,6 +153,7 @@ class ConfigDir:
         os.symlink(stamp, tmp)
         link = os.path.join(self.path, "..data")
         old = os.readlink(link) if os.path.lexists(link) else None
+        t0, t0_wall = time.monotonic(), time.time()
         os.rename(tmp, link)  # the atomic step
         for entry in os.listdir(self.path):
             if not entry.startswith(".") and entry not in files:
@@ -147,6 +165,27 @@ class ConfigDir:
         if old:
             import shutil
             shutil.rmtree(os.path.join(self.path, old), ignore_errors=True)
+        return t0, t0_wall
+
+
+_URING = None
+
+
+def io_uring_available():
+    """None if io_uring_setup works here, else why not (seccomp, io_uring_disabled, kernel)."""
+    global _URING
+    if _URING is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+        fd = libc.syscall(425, 4, params)  # __NR_io_uring_setup (x86_64 and aarch64)
+        if fd >= 0:
+            os.close(fd)
+            _URING = ""
+        else:
+            e = ctypes.get_errno()
+            _URING = f"io_uring_setup: {os.strerror(e)}"
+    return _URING or None
 
 
 class Isthmus(Contender):
@@ -179,12 +218,17 @@ class Isthmus(Contender):
         self.backend_seen = {}
 
     def write_config(self, **kw):
-        self.config.write({"registry.yaml": registry_yaml(self.protocol, **kw)})
+        self.config.write(registry_files(self.protocol, **kw))
 
     def proxy_argv(self, extra=()):
+        backend = self.backend
+        if backend == "io-uring" and io_uring_available():
+            # Not available on this machine (e.g. a container's seccomp profile): run on
+            # epoll rather than fail; the backend the proxy reports is in the results.
+            backend = "epoll"
         return [os.path.join(self.env.bin_dir, "isthmus-proxy"),
                 "--config-dir", self.config.path,
-                "--io-backend", self.backend,
+                "--io-backend", backend,
                 "--workers", str(self.env.workers),
                 "--log", "warn",
                 *self.extra_args, *extra]
@@ -273,7 +317,7 @@ class HAProxy(Contender):
         http = self.mode == "http"
         cfg = f"""global
   nbthread {env.workers}
-  maxconn 60000
+  maxconn {max(1000, min(60000, (nofile_hard() - 500) // 2))}
 defaults
   mode {self.mode}
   timeout connect 5s
@@ -321,6 +365,24 @@ class Nginx(Contender):
         self.port = 8003 if mode == "stream" else 8013
         self.description = f"nginx {mode} proxy, explicit listener, same single route"
 
+    STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+    def load_module(self):
+        """The stream module is dynamic in Debian's nginx (package libnginx-mod-stream)."""
+        if self.mode != "stream":
+            return ""
+        import subprocess
+        v = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
+        if "--with-stream=dynamic" in v:
+            return f"load_module {self.STREAM_MODULE};\n"
+        return ""
+
+    def unavailable(self):
+        if self.load_module() and not os.path.exists(self.STREAM_MODULE):
+            return (f"nginx stream module not installed ({self.STREAM_MODULE}; Debian: "
+                    "apt-get install libnginx-mod-stream)")
+        return None
+
     def start(self, env):
         super().start(env)
         d = os.path.join(env.work_dir, self.name)
@@ -329,7 +391,7 @@ class Nginx(Contender):
         if self.mode == "stream":
             body = f"""stream {{
   server {{ listen 127.0.0.1:{self.port} backlog=4096; proxy_pass {srv}:{T.HTTP_PORT}; }}
-  server {{ listen 127.0.0.1:{self.port + 1000}; proxy_pass {srv}:{T.BULK_PORT}; }}
+  server {{ listen 127.0.0.1:{self.port + 1000}; proxy_pass {srv}:{T.BULK_PORT}; proxy_half_close on; }}
 }}"""
         else:
             body = f"""http {{
@@ -348,7 +410,7 @@ class Nginx(Contender):
 }}"""
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(f"""daemon off;
+            f.write(self.load_module() + f"""daemon off;
 master_process on;
 worker_processes {env.workers};
 worker_rlimit_nofile 65536;

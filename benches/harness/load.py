@@ -97,7 +97,7 @@ def _common_checks(s, rc, proc):
 
 
 def run_oha(oha, ns, url, rate, conns, duration, proxy_pids, loadgen_cpus, closed_loop=False):
-    argv = [oha, "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-c", str(conns),
+    argv = [oha, "--no-tui", "--output-format", "json", "-z", f"{int(duration * 1000)}ms", "-c", str(conns),
             "-w"]
     if not closed_loop:
         argv += ["-q", str(rate), "--latency-correction"]
@@ -145,7 +145,7 @@ def run_wrk(ns, url, conns, duration, proxy_pids, loadgen_cpus, threads=1):
     lua.write(WRK_LUA)
     lua.close()
     os.chmod(lua.name, 0o644)
-    argv = ["wrk", f"-t{threads}", f"-c{max(conns, threads)}", f"-d{duration}s", "--latency",
+    argv = ["wrk", f"-t{threads}", f"-c{max(conns, threads)}", f"-d{max(1, round(duration))}s", "--latency",
             "-s", lua.name, url]
     rc, text, wall, lg_cpu, lg_core, proxy_cpu, proc = _measure(
         ns, argv, proxy_pids, loadgen_cpus, duration, "wrk")

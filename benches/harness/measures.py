@@ -10,6 +10,7 @@ import time
 from . import load
 from . import topology as T
 from . import upstream
+from .contenders import registry_files
 from .ns import proc_cpu_seconds, proc_rss_bytes
 
 
@@ -62,6 +63,7 @@ class Results:
         self.failures = []  # (contender, what, message)
         self.backends = {}  # contender -> {pod: backend}
         self.contenders = []  # [(name, description, group)]
+        self.skipped = []  # [(name, why)]
 
     def add(self, table, key, value):
         table.setdefault(key, []).append(value)
@@ -276,10 +278,14 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
                 time.sleep(0.001)
 
         def poll_version():
+            # Prometheus endpoint, not config_dump: cheap to serve, so polling it does not
+            # slow the proxy down; the proxy stamps the swap itself
+            # (isthmus_config_last_reload_success_timestamp_seconds).
             while not state["stop"] and state["version"] is None:
                 try:
-                    s = socket.create_connection(("127.0.0.1", 15000), timeout=0.5)
-                    s.sendall(b"GET /config_dump HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    s = socket.create_connection(("127.0.0.1", 15020), timeout=0.5)
+                    s.sendall(b"GET /stats/prometheus HTTP/1.1\r\nHost: a\r\n"
+                              b"Connection: close\r\n\r\n")
                     data = b""
                     while True:
                         chunk = s.recv(1 << 20)
@@ -287,12 +293,19 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
                             break
                         data += chunk
                     s.close()
-                    body = json.loads(data.partition(b"\r\n\r\n")[2])
-                    if body.get("version") != old_version:
+                    text = data.decode(errors="replace")
+                    version = stamp = None
+                    for line in text.splitlines():
+                        if line.startswith("isthmus_config_version{"):
+                            version = line.split('version="', 1)[1].split('"', 1)[0]
+                        elif line.startswith(
+                                "isthmus_config_last_reload_success_timestamp_seconds "):
+                            stamp = float(line.split()[1])
+                    if version and version != old_version:
                         state["version"] = time.monotonic()
-                        state["last_error"] = body.get("lastError")
+                        state["stamp"] = stamp
                         return
-                except (OSError, ValueError):
+                except (OSError, ValueError, IndexError):
                     pass
                 time.sleep(0.002)
 
@@ -305,9 +318,8 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
         t.start()
         time.sleep(swap_at)
         # The new config is written the kubelet way; t0 is the atomic rename.
-        t0 = c.config.write({"registry.yaml": __import__(
-            "harness.contenders", fromlist=["registry_yaml"]).registry_yaml(
-                c.protocol, extra_services=extra_services, new_route=True)})
+        t0, t0_wall = c.config.write(registry_files(
+            c.protocol, extra_services=extra_services, new_route=True))
         threads = [ns.thread(poll_route), ns.thread(poll_version)]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (state["answer"] is None
@@ -323,9 +335,10 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
             "extra_services": extra_services,
             "answer_ms": None if state["answer"] is None else (state["answer"] - t0) * 1000,
             "version_ms": None if state["version"] is None else (state["version"] - t0) * 1000,
-            "last_error": state.get("last_error"),
+            "swap_ms": None if state.get("stamp") is None else (state["stamp"] - t0_wall) * 1000,
             "sample": s,
-            "debounce": next((a for a in c.extra_args if a.startswith("--config-debounce")), None),
+            "debounce": " ".join(c.extra_args[i:i + 2] for i, a in enumerate(c.extra_args)
+                                 if a == "--config-debounce-ms") or None,
         }
         return r
     finally:
@@ -341,7 +354,7 @@ def reload(ctx, plan, results, variants):
                 results.reload.append(r)
                 s = r["sample"]
                 ctx.log(f"    {c.name:28} new route answers after "
-                        f"{_f(r['answer_ms'])} ms (version after {_f(r['version_ms'])} ms); "
+                        f"{_f(r['answer_ms'])} ms (proxy swapped at {_f(r['swap_ms'])} ms); "
                         f"traffic: " + fmt_sample(s))
             except Exception as e:  # noqa: BLE001
                 results.failures.append((c.name, "reload", f"{type(e).__name__}: {e}"))
@@ -350,3 +363,46 @@ def reload(ctx, plan, results, variants):
 
 def _f(v):
     return "never" if v is None else f"{v:.1f}"
+
+
+# ---------------------------------------------------------------- profiles
+
+def profile(ctx, plan, c, out_path, seconds=4):
+    """perf record -g of c's proxy processes under closed-loop load; writes the top of
+    `perf report` to out_path. Returns the path, or None if perf is unavailable."""
+    import shutil
+    import subprocess
+    if not shutil.which("perf"):
+        return None
+    c.start(ctx.env)
+    try:
+        c.verify()
+        pids = ",".join(str(p) for p in c.proxy_pids())
+        data = os.path.join(ctx.work_dir, f"perf-{c.name}.data")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            s=run_load(ctx, c, None, plan.maxrps_conns, seconds + 2, closed_loop=True)),
+            daemon=True)
+        t.start()
+        time.sleep(1)
+        rec = subprocess.run(["perf", "record", "-F", "1999", "-g", "-p", pids, "-o", data, "--",
+                              "sleep", str(seconds)], capture_output=True, text=True)
+        t.join(seconds + 40)
+        if rec.returncode != 0:
+            with open(out_path, "w") as f:
+                f.write(f"perf record failed: {rec.stderr}\n")
+            return out_path
+        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                              "--sort", "dso,symbol", "--percent-limit", "1", "-g", "none"],
+                             capture_output=True, text=True)
+        s = result.get("s") or {}
+        with open(out_path, "w") as f:
+            f.write(f"# perf profile of {c.name} ({c.description}), closed loop "
+                    f"c={plan.maxrps_conns}, {seconds} s; "
+                    f"{s.get('rps', 0):.0f} rps, proxy CPU {s.get('proxy_cpu', 0):.2f} s\n")
+            f.write("\n".join(line.rstrip(" -") for line in rep.stdout.splitlines()
+                              if line.strip() and not line.startswith("#")))
+            f.write("\n")
+        return out_path
+    finally:
+        c.stop()

@@ -22,6 +22,11 @@ NETNS_DIR = "/var/run/netns"
 PREFIX = "isthb"  # every namespace we create is named isthb<pid>-<pod>
 
 
+def nofile_hard():
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else hard
+
+
 def ip(*args, check=True):
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and r.returncode != 0:
@@ -139,7 +144,9 @@ class Netns:
             _setns(path)
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if nofile:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                n = nofile if hard == resource.RLIM_INFINITY else min(nofile, hard)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
             if cpus is not None:
                 os.sched_setaffinity(0, cpus)
             if uid is not None:

@@ -110,18 +110,34 @@ pub fn parse_files(files: &[SourceFile]) -> Result<Vec<Document>, ConfigError> {
     }
 }
 
+/// The YAML parser's resource budget. The defaults (1,024 documents, 250k nodes) guard a
+/// general-purpose parser against document storms, but a mesh registry is one document per
+/// service: sized here for a ConfigMap-scale config with room to spare (tens of thousands of
+/// services), while alias-expansion and nesting limits stay at their protective defaults.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 50_000_000;
+    budget.max_events = 100_000_000;
+    budget.max_total_scalar_bytes = 512 * 1024 * 1024;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
-    let values: Vec<Value> = match serde_saphyr::from_multiple(&file.text) {
-        Ok(values) => values,
-        Err(e) => {
-            issues.push(Issue {
-                location: file.name.clone(),
-                field: String::new(),
-                message: format!("invalid YAML: {}", first_line(&e.to_string())),
-            });
-            return;
-        }
-    };
+    let values: Vec<Value> =
+        match serde_saphyr::from_multiple_with_options(&file.text, yaml_options()) {
+            Ok(values) => values,
+            Err(e) => {
+                issues.push(Issue {
+                    location: file.name.clone(),
+                    field: String::new(),
+                    message: format!("invalid YAML: {}", first_line(&e.to_string())),
+                });
+                return;
+            }
+        };
     for (index, value) in values.into_iter().enumerate() {
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
@@ -305,6 +321,29 @@ mod tests {
         assert!(err[0].contains("unknown kind `ConfigMap`"), "{err:?}");
         let err = parse("apiVersion: v1\nkind: ServiceEntry\nmetadata: {name: a}\n").unwrap_err();
         assert!(err[0].contains("apiVersion: ServiceEntry must be networking.istio.io/v1"));
+    }
+
+    /// A registry is one document per service: far more than a generic parser's budget allows.
+    #[test]
+    fn large_registries_parse() {
+        let doc = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec: {hosts: [a]}\n---\n";
+        let docs = parse(&doc.repeat(5_000)).unwrap();
+        assert_eq!(docs.len(), 5_000);
+    }
+
+    #[test]
+    fn alias_bombs_are_still_refused() {
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..12 {
+            let prev = if i == 0 {
+                "a".to_string()
+            } else {
+                format!("l{}", i - 1)
+            };
+            bomb.push_str(&format!("l{i}: &l{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        let err = parse(&bomb).unwrap_err();
+        assert!(err[0].contains("invalid YAML"), "{err:?}");
     }
 
     #[test]

@@ -121,6 +121,7 @@ impl ConfigStore {
                     status.last_error = None;
                 }
                 self.version.send_replace(version.clone());
+                release_free_memory();
                 tracing::info!(%version, services, files = files.len(), "config loaded");
                 Reload::Loaded(version)
             }
@@ -155,6 +156,16 @@ impl ConfigStore {
             "lastError": status.last_error.map(|(version, issues)| json!({"version": version, "issues": issues})),
             "config": snapshot.dump(),
         })
+    }
+}
+
+/// Parsing a large config allocates far more than the snapshot keeps; glibc holds on to the
+/// freed pages. Hand them back so RSS reflects the snapshot, not the parse.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -45,8 +45,12 @@ fn pattern_block() -> Vec<u8> {
 pub fn echo_exact(stream: TcpStream, total: usize) -> u64 {
     let block = pattern_block();
     // A stuck relay must fail the test, not hang CI.
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).expect("timeout");
-    stream.set_write_timeout(Some(std::time::Duration::from_secs(60))).expect("timeout");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    stream
+        .set_write_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
     let mut writer = stream.try_clone().expect("clone stream");
     let send_block = block.clone();
     let sender = std::thread::spawn(move || {

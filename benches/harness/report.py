@@ -1,0 +1,396 @@
+"""Results → markdown tables, targets, and a hand-written SVG of latency percentiles."""
+
+import html
+import statistics
+
+HEADLINE = (1000, 16)
+PCTS = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def mmm(xs, fmt="{:.3f}"):
+    """'median [min–max]' of the values."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    m = statistics.median(xs)
+    if len(xs) == 1:
+        return fmt.format(m)
+    return f"{fmt.format(m)} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
+
+
+def f(v, fmt="{:.3f}", none="—"):
+    return none if v is None else fmt.format(v)
+
+
+def valid(samples):
+    return [s for s in samples if s.valid]
+
+
+class Summary:
+    """Derived numbers (medians over valid rounds) shared by the tables and the targets."""
+
+    def __init__(self, results):
+        self.r = results
+        self.names = [c[0] for c in results.contenders]
+
+    def lat(self, name, cell, key):
+        return med([s.get(key) for s in valid(self.r.latency.get((name,) + cell, []))])
+
+    def added(self, name, cell, key):
+        a, d = self.lat(name, cell, key), self.lat("direct", cell, key)
+        return None if a is None or d is None else a - d
+
+    def cpu_per_req(self, name, cell=None):
+        """Proxy CPU seconds per request at a fixed rate (median over valid rounds)."""
+        cell = cell or HEADLINE
+        xs = [s["proxy_cpu"] / s["requests"] for s in valid(self.r.latency.get((name,) + cell, []))
+              if s["requests"]]
+        return med(xs)
+
+    def rps_per_core(self, name):
+        xs = [s["requests"] / s["proxy_cpu"] for s in valid(self.r.maxrps.get(name, []))
+              if s["proxy_cpu"] > 0]
+        return med(xs)
+
+    def maxrps(self, name):
+        return med([s["rps"] for s in valid(self.r.maxrps.get(name, []))])
+
+    def bulk(self, name):
+        return med([b.get("gbps") for b in self.r.bulk.get(name, []) if not b["problems"]])
+
+    def mem(self, name):
+        return self.r.memory.get(name) or {}
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def targets(S):
+    """[(target, value text, met?, miss text)] per issue 3 item 5."""
+    out = []
+    hap = "haproxy-tcp"
+
+    def row(what, value, met, miss):
+        out.append((what, value, met, miss))
+
+    for name in ("isthmus-explicit", "isthmus-1hop"):
+        r = ratio(S.cpu_per_req(name), S.cpu_per_req(hap))
+        row(f"CPU/request ≤ 0.8× HAProxy tcp ({name}, {HEADLINE[0]} rps c={HEADLINE[1]})",
+            f(r, "{:.2f}×"), r is not None and r <= 0.8,
+            "" if r is None or r <= 0.8 else f"{(r / 0.8 - 1) * 100:.0f}% over the target")
+    for name in ("isthmus-explicit", "isthmus-1hop"):
+        r = ratio(S.rps_per_core(name), S.rps_per_core(hap))
+        row(f"rps per proxy core ≥ 1.1× HAProxy tcp ({name})", f(r, "{:.2f}×"),
+            r is not None and r >= 1.1,
+            "" if r is None or r >= 1.1 else f"{(1 - r / 1.1) * 100:.0f}% short of the target")
+    a = S.added("isthmus-2hop", HEADLINE, "p99")
+    row(f"two-hop added p99 at {HEADLINE[0]} rps c={HEADLINE[1]} ≤ 0.1 ms", f(a, "{:+.3f} ms"),
+        a is not None and a <= 0.1, "" if a is None or a <= 0.1 else f"{a - 0.1:.3f} ms over")
+    for name in ("isthmus-1hop", "isthmus-2hop"):
+        r = ratio(S.bulk(name), S.bulk("direct"))
+        row(f"TCP bulk ≥ 0.8× direct ({name})", f(r, "{:.2f}×"), r is not None and r >= 0.8,
+            "" if r is None or r >= 0.8 else f"{(1 - r / 0.8) * 100:.0f}% short")
+    m = S.mem("isthmus-explicit")
+    idle = m.get("idle")
+    row("idle RSS ≤ 5 MB", f(idle and idle / 1e6, "{:.2f} MB"), idle is not None and idle <= 5e6,
+        "" if idle is None or idle <= 5e6 else f"{(idle - 5e6) / 1e6:.2f} MB over")
+    per_route = route_slope(m)
+    row("≤ 1 KB per route", f(per_route, "{:.0f} B"),
+        per_route is not None and per_route <= 1024,
+        "" if per_route is None or per_route <= 1024 else f"{per_route / 1024:.1f}× the target")
+    per_conn = conn_slope(m)
+    row("≤ 10 KB per idle connection", f(per_conn, "{:.0f} B"),
+        per_conn is not None and per_conn <= 10240,
+        "" if per_conn is None or per_conn <= 10240 else f"{per_conn / 10240:.1f}× the target")
+    rl = [x for x in S.r.reload if not x.get("debounce")]
+    if not rl:
+        row("10k-route reload ≤ 100 ms, zero errors (default flags)", "—", False, "")
+        return out
+    times = [x["answer_ms"] for x in rl]
+    errs = sum(reload_errors(x) for x in rl)
+    worst = None if not times or None in times else max(times)
+    row("10k-route reload ≤ 100 ms, zero errors (default flags)",
+        f"{f(med(times), '{:.0f}')} ms median, worst {f(worst, '{:.0f}')} ms, {errs} errors",
+        worst is not None and worst <= 100 and errs == 0,
+        "" if worst is not None and worst <= 100 and errs == 0 else
+        (f"worst {worst - 100:.0f} ms over" if worst is not None and worst > 100 else "")
+        + (f"; {errs} errors" if errs else "") + ("never answered" if worst is None else ""))
+    return out
+
+
+def route_slope(m):
+    r = m.get("routes") or {}
+    ks = sorted(r)
+    if len(ks) < 2:
+        return None
+    return (r[ks[-1]] - r[ks[-2]]) / (ks[-1] - ks[-2]) if ks[-1] != ks[-2] else None
+
+
+def conn_slope(m):
+    c = m.get("conns") or {}
+    ks = sorted(c)
+    if len(ks) < 2:
+        return None
+    return (c[ks[-1]] - c[ks[0]]) / (ks[-1] - ks[0])
+
+
+def reload_errors(x):
+    s = x.get("sample")
+    if not s:
+        return 1
+    return (s["requests"] - s["ok"]) + sum((s.get("errors") or {}).values())
+
+
+def markdown(results, meta, plan, svg_name, profiles=()):
+    S = Summary(results)
+    L = []
+    w = L.append
+    w(f"# isthmus benchmark — {meta['date']}\n")
+    w(f"Mode: **{meta['mode']}**. Load generator: **{meta['loadgen']}**"
+      + ("" if meta["loadgen"].startswith("oha") else
+         " (closed loop: latencies are NOT corrected for coordinated omission)") + ".\n")
+    w("## Machine and versions\n")
+    for k, v in meta["machine"].items():
+        w(f"- {k}: {v}")
+    w("")
+    w(f"Plan: {plan.rounds} round(s), contenders interleaved and rotated each round; "
+      f"{plan.duration} s per fixed-rate cell (after {plan.warmup} s warm-up), cells "
+      f"(rps, connections) {plan.grid()}; max rps: closed loop, {plan.maxrps_conns} connections, "
+      f"{plan.maxrps_duration} s; bulk {plan.bulk_bytes / 2**20:.0f} MiB per transfer. "
+      f"CPU pinning: load generator and upstream on CPU {meta['loadgen_cpus']}, proxies on CPU "
+      f"{meta['proxy_cpus']}; {meta['workers']} proxy worker(s) for every proxy. "
+      "Values are median [min–max] over valid rounds; runs with errors are listed below and "
+      "never averaged in.\n")
+
+    w("## Validity\n")
+    bad = []
+    for (name, rate, conns), ss in results.latency.items():
+        for s in ss:
+            if not s.valid:
+                bad.append(f"{name} {rate} rps c={conns}: {'; '.join(s['problems'])}")
+    for name, ss in results.maxrps.items():
+        for s in ss:
+            if not s.valid:
+                bad.append(f"{name} max rps: {'; '.join(s['problems'])}")
+    for name, bs in results.bulk.items():
+        for b in bs:
+            if b["problems"]:
+                bad.append(f"{name} bulk: {'; '.join(b['problems'])}")
+    for name, what, msg in results.failures:
+        bad.append(f"{name} ({what}) failed: {msg}")
+    total = sum(len(v) for v in results.latency.values()) + sum(len(v) for v in
+                                                                 results.maxrps.values())
+    if bad:
+        w(f"**{len(bad)} problem(s)** (of {total} load runs):\n")
+        for b in bad:
+            w(f"- {b}")
+    else:
+        w(f"All {total} load runs valid: every response 200 with the 1024-byte body, no errors, "
+          "load generator below 90% of its core at fixed rates.")
+    sat = [f"{n}" for n, ss in results.maxrps.items() if any(s.get("saturated") for s in ss)]
+    if sat:
+        w(f"\nMax-rps runs where the load generator's core was saturated (expected for a closed "
+          f"loop on 2 cores; read *rps per proxy core* instead of raw max rps): {', '.join(sat)}.")
+    if results.backends:
+        w("\nI/O backend each isthmus proxy reported (`isthmus_proxy_io_backend`): "
+          + ", ".join(f"{n}: {'/'.join(sorted(set(b.values())))}"
+                      for n, b in results.backends.items()) + ".")
+    w("")
+
+    w("## Contenders\n")
+    w("| contender | what |")
+    w("|---|---|")
+    for name, desc, _ in results.contenders:
+        w(f"| {name} | {desc} |")
+    for name, why in results.skipped:
+        w(f"| {name} | **skipped**: {why} |")
+    w("")
+
+    w("## Targets (issue 3 item 5)\n")
+    w("| target | measured | met? | miss |")
+    w("|---|---|---|---|")
+    for what, value, met, miss in targets(S):
+        state = "n/a (not measured)" if value in ("—", None) else ("yes" if met else "**no**")
+        w(f"| {what} | {value} | {state} | {miss} |")
+    w("")
+
+    w(f"## Ratios at {HEADLINE[0]} rps, {HEADLINE[1]} connections\n")
+    w("| contender | p50 | p99 | added p50 | added p90 | added p99 | added p99.9 | p99 vs HAProxy tcp | CPU/req vs HAProxy tcp | vCPU per 1000 rps |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for name in S.names:
+        cpr = S.cpu_per_req(name)
+        w(f"| {name} | {f(S.lat(name, HEADLINE, 'p50'))} | {f(S.lat(name, HEADLINE, 'p99'))} | "
+          + " | ".join(f(S.added(name, HEADLINE, k), "{:+.3f}") for k, _ in PCTS)
+          + f" | {f(ratio(S.lat(name, HEADLINE, 'p99'), S.lat('haproxy-tcp', HEADLINE, 'p99')), '{:.2f}×')}"
+          + f" | {f(ratio(cpr, S.cpu_per_req('haproxy-tcp')), '{:.2f}×')}"
+          + f" | {f(cpr and cpr * 1000, '{:.3f}')} |")
+    w("\nLatencies in ms; *added* = contender median − direct median. vCPU per 1000 rps = "
+      "proxy CPU seconds (utime+stime of every proxy process, from /proc/PID/stat; both "
+      "sidecars for two hops) ÷ requests × 1000. Anchors: Istio sidecar 0.20–0.5, ztunnel 0.06.\n")
+
+    w("## Latency at fixed rate (open loop)\n")
+    for cell in plan.grid():
+        w(f"### {cell[0]} rps, {cell[1]} connections\n" if meta["loadgen"] == "oha" else
+          f"### {cell[1]} connections (wrk closed loop: the {cell[0]} rps rate is not applied)\n")
+        w("| contender | p50 ms | p90 ms | p99 ms | p99.9 ms | added p99 | valid runs |")
+        w("|---|---|---|---|---|---|---|")
+        for name in S.names:
+            ss = results.latency.get((name,) + cell, [])
+            vs = valid(ss)
+            w(f"| {name} | " + " | ".join(mmm([s.get(k) for s in vs]) for k, _ in PCTS)
+              + f" | {f(S.added(name, cell, 'p99'), '{:+.3f}')} | {len(vs)}/{len(ss)} |")
+        w("")
+
+    w("## Throughput and CPU\n")
+    w("| contender | max rps (closed loop) | proxy CPU busy at max | rps per proxy core | vs HAProxy tcp | bulk GB/s | bulk vs direct | proxy CPU s per GB |")
+    w("|---|---|---|---|---|---|---|---|")
+    for name in S.names:
+        ms = valid(results.maxrps.get(name, []))
+        busy = med([s["proxy_cpu"] / s["wall"] for s in ms]) if ms else None
+        bs = [b for b in results.bulk.get(name, []) if not b["problems"]]
+        cpu_gb = med([b["proxy_cpu"] / (b["bytes"] / 1e9) for b in bs]) if bs else None
+        rpc = S.rps_per_core(name)
+        w(f"| {name} | {mmm([s['rps'] for s in ms], '{:.0f}')} | "
+          f"{f(busy, '{:.0%}') if name != 'direct' else '—'} | "
+          f"{f(rpc, '{:.0f}') if name != 'direct' else '—'} | "
+          f"{f(ratio(rpc, S.rps_per_core('haproxy-tcp')), '{:.2f}×')} | "
+          f"{mmm([b['gbps'] for b in bs], '{:.2f}')} | "
+          f"{f(ratio(S.bulk(name), S.bulk('direct')), '{:.2f}×')} | "
+          f"{f(cpu_gb, '{:.3f}') if name != 'direct' else '—'} |")
+    w("\nrps per proxy core = requests ÷ proxy CPU seconds in the max-rps run (the proxy is "
+      "pinned to one CPU; on 2 cores the closed-loop generator and upstream share the other, so "
+      "raw max rps is generator-bound for fast proxies). Bulk: one TCP stream, Python sender → "
+      "Python receiver, byte count checked.\n")
+
+    w("## Memory (RSS, from /proc/PID/status, all processes of the proxy)\n")
+    w("| contender | idle | " + " | ".join(f"{n} idle conns" for n in plan.idle_conns)
+      + " | per idle conn | " + " | ".join(f"+{n} services" for n in plan.routes)
+      + " | per route |")
+    w("|---|---|" + "---|" * (len(plan.idle_conns) + 1 + len(plan.routes) + 1))
+    for name in S.names:
+        m = S.mem(name)
+        if not m:
+            continue
+        conns, routes = m.get("conns") or {}, m.get("routes") or {}
+        cs = conn_slope(m)
+        rs = route_slope(m)
+        w(f"| {name} | {f(m.get('idle') and m['idle'] / 1e6, '{:.2f} MB')} | "
+          + " | ".join(f(conns.get(n) and conns[n] / 1e6, "{:.2f} MB") for n in plan.idle_conns)
+          + f" | {f(cs, '{:.0f} B')} | "
+          + " | ".join(f(routes.get(n) and routes[n] / 1e6, "{:.2f} MB") for n in plan.routes)
+          + f" | {f(rs, '{:.0f} B')} |")
+    w("\nSlopes: per idle connection = (RSS at the most connections − RSS before any) ÷ count "
+      "(each held connection also opens one to the upstream); per route = difference between "
+      "the two largest route counts ÷ their difference (one ServiceEntry = one VIP, one port, "
+      "one endpoint). Anchors: Envoy ≈ 42 KB per cluster, ≈ 1.4 KB per host; Istio sidecar "
+      "40–60 MB; linkerd2-proxy 17–26 MB.\n")
+
+    if results.reload:
+        w("## Reload under 1000 rps\n")
+        w("| proxy flags | services in new config | new route answers after (ms) | "
+          "proxy swapped snapshot at (ms, its own timestamp) | errors during swap | p99 during swap (ms) | "
+          "p99.9 during swap | valid |")
+        w("|---|---|---|---|---|---|---|---|")
+        for x in results.reload:
+            s = x.get("sample") or {}
+            w(f"| {x.get('debounce') or 'defaults (debounce 100 ms)'} | {x['extra_services'] + 3} | "
+              f"{f(x['answer_ms'], '{:.1f}', 'never')} | {f(x.get('swap_ms'), '{:.1f}', '?')} | "
+              f"{reload_errors(x)} | {f(s.get('p99'))} | {f(s.get('p999'))} | "
+              f"{'yes' if s and s.valid else 'no: ' + '; '.join(s.get('problems', ['no sample']))} |")
+        w("\nTime zero is the atomic rename of `..data` (kubelet's ConfigMap update); the load "
+          "(oha 1000 rps, 16 connections, 4 s window containing the swap) runs against an "
+          "existing route the whole time; a second client polls the new VIP every ms.\n")
+
+    if profiles:
+        w("## Profiles (why targets are missed)\n")
+        w("`perf record -g` of the proxy under closed-loop load (c=64); the top of "
+          "`perf report --no-children --sort dso,symbol` for each:\n")
+        for name, path in profiles:
+            w(f"- {name}: [{path}]({path})")
+        w("")
+    w(f"## Plot\n\n![latency percentiles]({svg_name})\n")
+    w("## How to reproduce\n")
+    w(f"`{meta['command']}` (as root). See benches/README.md.\n")
+    return "\n".join(L)
+
+
+COLORS = ["#222222", "#1f77b4", "#6baed6", "#08519c", "#17becf", "#d62728", "#2ca02c",
+          "#ff9896", "#98df8a", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
+
+
+def svg(results, plan, title):
+    """One panel per (rate, connections) cell: latency (log scale) at p50/p90/p99/p99.9 for
+    every contender (median of valid rounds)."""
+    import math
+    S = Summary(results)
+    cells = plan.grid()
+    names = S.names
+    pw, ph = 420, 300
+    cols = min(3, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    legend_h = 20 * math.ceil(len(names) / 3) + 20
+    W, H = cols * pw + 20, rows * ph + 60 + legend_h
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">'
+           f'{html.escape(title)}</text>']
+    vals = [S.lat(n, c, k) for n in names for c in cells for k, _ in PCTS]
+    vals = [v for v in vals if v and v > 0]
+    if not vals:
+        vals = [0.01, 1]
+    lo = 10 ** math.floor(math.log10(min(vals)))
+    hi = 10 ** math.ceil(math.log10(max(vals)))
+    for i, cell in enumerate(cells):
+        ox, oy = 10 + (i % cols) * pw, 40 + (i // cols) * ph
+        x0, x1, y0, y1 = ox + 55, ox + pw - 20, oy + 30, oy + ph - 40
+        out.append(f'<text x="{(x0 + x1) / 2}" y="{oy + 18}" text-anchor="middle" '
+                   f'font-size="13">{cell[0]} rps, {cell[1]} connections</text>')
+        out.append(f'<rect x="{x0}" y="{y0}" width="{x1 - x0}" height="{y1 - y0}" '
+                   f'fill="none" stroke="#999"/>')
+
+        def ypos(v):
+            return y1 - (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * (y1 - y0)
+        d = lo
+        while d <= hi * 1.0001:
+            for m in (1, 2, 5):
+                v = d * m
+                if v > hi * 1.0001:
+                    break
+                y = ypos(v)
+                out.append(f'<line x1="{x0}" x2="{x1}" y1="{y:.1f}" y2="{y:.1f}" '
+                           f'stroke="{"#ddd" if m == 1 else "#f2f2f2"}"/>')
+                if m == 1 or (hi / lo) <= 100:
+                    out.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end">'
+                               f'{v:g}</text>')
+            d *= 10
+        out.append(f'<text x="{ox + 14}" y="{(y0 + y1) / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 {ox + 14} {(y0 + y1) / 2})">latency (ms, log)</text>')
+        xs = [x0 + (x1 - x0) * (j + 0.5) / len(PCTS) for j in range(len(PCTS))]
+        for x, (_, label) in zip(xs, PCTS):
+            out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle">{label}</text>')
+        for n_i, name in enumerate(names):
+            color = COLORS[n_i % len(COLORS)]
+            pts = [(x, S.lat(name, cell, k)) for x, (k, _) in zip(xs, PCTS)]
+            pts = [(x, ypos(v)) for x, v in pts if v and v > 0]
+            if len(pts) >= 2:
+                out.append('<polyline fill="none" stroke-width="1.8" stroke="' + color
+                           + '" points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+            for x, y in pts:
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>')
+    ly = 40 + rows * ph + 10
+    for n_i, name in enumerate(names):
+        lx = 20 + (n_i % 3) * (W - 40) / 3
+        yy = ly + (n_i // 3) * 20
+        color = COLORS[n_i % len(COLORS)]
+        out.append(f'<line x1="{lx:.0f}" x2="{lx + 24:.0f}" y1="{yy}" y2="{yy}" stroke="{color}" '
+                   f'stroke-width="3"/>')
+        out.append(f'<text x="{lx + 30:.0f}" y="{yy + 4}">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
