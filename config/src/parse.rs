@@ -125,19 +125,37 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
-fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
-    let values: Vec<Value> =
-        match serde_saphyr::from_multiple_with_options(&file.text, yaml_options()) {
-            Ok(values) => values,
-            Err(e) => {
-                issues.push(Issue {
-                    location: file.name.clone(),
-                    field: String::new(),
-                    message: format!("invalid YAML: {}", first_line(&e.to_string())),
-                });
-                return;
+/// Reads a file's documents: YAML (`---`-separated), or for `*.json` files JSON — a document,
+/// an array of documents, or a stream of them. JSON is YAML's fast path: the controller writes
+/// large registries as JSON, parsed an order of magnitude faster than the same YAML.
+fn read_values(file: &SourceFile) -> Result<Vec<Value>, String> {
+    if file.name.ends_with(".json") {
+        let mut values = Vec::new();
+        for value in serde_json::Deserializer::from_str(&file.text).into_iter::<Value>() {
+            match value.map_err(|e| format!("invalid JSON: {e}"))? {
+                Value::Array(items) => values.extend(items),
+                other => values.push(other),
             }
-        };
+        }
+        Ok(values)
+    } else {
+        serde_saphyr::from_multiple_with_options(&file.text, yaml_options())
+            .map_err(|e| format!("invalid YAML: {}", first_line(&e.to_string())))
+    }
+}
+
+fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
+    let values = match read_values(file) {
+        Ok(values) => values,
+        Err(message) => {
+            issues.push(Issue {
+                location: file.name.clone(),
+                field: String::new(),
+                message,
+            });
+            return;
+        }
+    };
     for (index, value) in values.into_iter().enumerate() {
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
@@ -344,6 +362,28 @@ mod tests {
         }
         let err = parse(&bomb).unwrap_err();
         assert!(err[0].contains("invalid YAML"), "{err:?}");
+    }
+
+    #[test]
+    fn json_files_hold_documents_arrays_or_streams() {
+        let doc = r#"{"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "a"}, "spec": {"hosts": ["a"]}}"#;
+        let named = |n: &str| doc.replace("\"a\"}", &format!("\"{n}\"}}"));
+        let files = [
+            SourceFile::new("one.json", doc),
+            SourceFile::new("array.json", format!("[{}, {}]", named("b"), named("c"))),
+            SourceFile::new("stream.json", format!("{}\n{}", named("d"), named("e"))),
+        ];
+        let docs = parse_files(&files).unwrap();
+        let names: Vec<&str> = docs.iter().map(|d| d.metadata.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+        let err = parse_files(&[SourceFile::new("bad.json", "{\"kind\": ")])
+            .unwrap_err()
+            .issues();
+        assert!(err[0].starts_with("bad.json: invalid JSON"), "{err:?}");
+        let err = parse_files(&[SourceFile::new("f.json", doc.replace("hosts", "hostz"))])
+            .unwrap_err()
+            .issues();
+        assert!(err[0].contains("unknown field `hostz`"), "{err:?}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ impl SourceFile {
         }
     }
 
-    /// Reads every `*.yaml` / `*.yml` file at the top of `dir`, sorted by name. A missing
+    /// Reads every `*.yaml` / `*.yml` / `*.json` file at the top of `dir`, sorted by name. A missing
     /// directory reads as empty: a sidecar that starts before its ConfigMap exists must not
     /// break the pod's traffic.
     pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigError> {
@@ -42,7 +42,9 @@ impl SourceFile {
                 source,
             })?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            if name.starts_with('.')
+                || ![".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
+            {
                 continue;
             }
             let path = entry.path();

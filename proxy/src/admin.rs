@@ -257,7 +257,8 @@ mod tests {
             .starts_with("HTTP/1.1 503"));
         state
             .store
-            .reload_from(std::path::Path::new("/nonexistent/isthmus"));
+            .reload_from(std::path::Path::new("/nonexistent/isthmus"))
+            .await;
         assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
             .await
             .starts_with("HTTP/1.1 200"));

@@ -131,7 +131,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
         }
 
         // The first config loads before workers start; the watcher takes over from there.
-        store.reload_from(&args.config_dir);
+        store.reload_from(&args.config_dir).await;
         tokio::spawn(state::watch_dir(
             store.clone(),
             args.config_dir.clone(),
@@ -140,6 +140,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
         ));
 
         start_workers(backend, args.workers, groups, ctx)?;
+        state::lower_priority();
         admin_state.listening.store(true, Ordering::Release);
         tracing::info!(workers = args.workers, "proxy ready");
 

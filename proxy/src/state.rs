@@ -76,7 +76,7 @@ impl ConfigStore {
     }
 
     /// Reads `dir` and swaps in its snapshot if it changed and is valid.
-    pub fn reload_from(&self, dir: &Path) -> Reload {
+    pub async fn reload_from(&self, dir: &Path) -> Reload {
         let files = match SourceFile::read_dir(dir) {
             Ok(files) => files,
             Err(e) => return self.reject(String::from("unreadable"), &e),
@@ -159,6 +159,17 @@ impl ConfigStore {
     }
 }
 
+/// The control thread (admin, config watcher and parser) yields the CPU to the data path's
+/// workers: parsing a large config takes hundreds of milliseconds and must not delay relaying.
+/// Called after the workers are spawned, so they keep the default priority.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on this thread's own id.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    }
+}
+
 /// Parsing a large config allocates far more than the snapshot keeps; glibc holds on to the
 /// freed pages. Hand them back so RSS reflects the snapshot, not the parse.
 fn release_free_memory() {
@@ -206,17 +217,17 @@ pub async fn watch_dir(
                 }
             }
             // A directory that appeared since the last pass may already hold a config.
-            store.reload_from(&dir);
+            store.reload_from(&dir).await;
         }
         match tokio::time::timeout(resync, rx.recv()).await {
             Ok(Some(())) => {
                 // Let the burst settle.
                 while let Ok(Some(())) = tokio::time::timeout(debounce, rx.recv()).await {}
-                store.reload_from(&dir);
+                store.reload_from(&dir).await;
             }
             Ok(None) => return,
             Err(_) => {
-                store.reload_from(&dir);
+                store.reload_from(&dir).await;
             }
         }
     }
@@ -236,21 +247,21 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn bad_config_keeps_the_last_good_one() {
+    #[tokio::test]
+    async fn bad_config_keeps_the_last_good_one() {
         let dir = tempdir("keep");
         let store = ConfigStore::new(Arc::new(Metrics::new()));
         std::fs::write(dir.join("mesh.yaml"), GOOD).unwrap();
-        let Reload::Loaded(good) = store.reload_from(&dir) else {
+        let Reload::Loaded(good) = store.reload_from(&dir).await else {
             panic!("not loaded")
         };
-        assert_eq!(store.reload_from(&dir), Reload::Unchanged);
+        assert_eq!(store.reload_from(&dir).await, Reload::Unchanged);
         std::fs::write(
             dir.join("mesh.yaml"),
             GOOD.replace("number: 80", "number: 0"),
         )
         .unwrap();
-        assert!(matches!(store.reload_from(&dir), Reload::Rejected(_)));
+        assert!(matches!(store.reload_from(&dir).await, Reload::Rejected(_)));
         assert_eq!(store.load().version(), good);
         assert_eq!(store.load().services().len(), 1);
         let status = store.status();
@@ -261,7 +272,7 @@ mod tests {
             "{issues:?}"
         );
         // The same bad file again is not counted twice.
-        assert_eq!(store.reload_from(&dir), Reload::Unchanged);
+        assert_eq!(store.reload_from(&dir).await, Reload::Unchanged);
         let text = store.metrics.encode();
         assert!(
             text.contains("isthmus_config_reloads_total{result=\"failure\"} 1"),
@@ -274,11 +285,11 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn missing_directory_is_an_empty_config() {
+    #[tokio::test]
+    async fn missing_directory_is_an_empty_config() {
         let store = ConfigStore::new(Arc::new(Metrics::new()));
         let dir = std::env::temp_dir().join("isthmus-state-does-not-exist");
-        assert!(matches!(store.reload_from(&dir), Reload::Loaded(_)));
+        assert!(matches!(store.reload_from(&dir).await, Reload::Loaded(_)));
         assert!(store.has_loaded());
         assert!(store.load().services().is_empty());
     }
