@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::error::{ConfigError, Issue};
 use crate::parse::{Document, Resource};
 use crate::snapshot::{
-    Cluster, Endpoint, L4Match, OutboundPolicy, Protocol, Service, ServicePort, Snapshot, TcpRoute,
-    WeightedCluster,
+    Cluster, Endpoint, L4Match, Labels, OutboundPolicy, Protocol, Service, ServicePort, Snapshot,
+    TcpRoute, Text, WeightedCluster,
 };
 use crate::wire::OutboundMode;
 use crate::CLUSTER_DOMAIN;
@@ -37,6 +37,12 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
         return Err(ConfigError::Invalid(c.issues));
     }
     let mut routes = routes;
+    let mut interner = Interner::default();
+    let shared: Vec<Shared> = registry
+        .services
+        .iter()
+        .map(|d| Shared::new(d, &mut interner))
+        .collect();
     // Clusters are shared between routes that name the same (service, port, subset).
     let mut clusters: HashMap<ClusterKey, Arc<Cluster>> = HashMap::new();
     let mut services = Vec::with_capacity(registry.services.len());
@@ -66,6 +72,7 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
                         .or_insert_with(|| {
                             Arc::new(build_cluster(
                                 &registry.services[key.service],
+                                &shared[key.service],
                                 &key,
                                 &subsets,
                             ))
@@ -81,15 +88,15 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
             }
             ports.push(ServicePort {
                 number: port.number,
-                name: port.name.clone(),
+                name: interner.get(&port.name),
                 protocol: port.protocol,
                 routes: compiled,
             });
         }
         services.push(Arc::new(Service {
-            hosts: draft.hosts.clone(),
-            name: draft.name.clone(),
-            namespace: draft.namespace.clone(),
+            hosts: shared[index].hosts.clone(),
+            name: shared[index].name.clone(),
+            namespace: shared[index].namespace.clone(),
             addresses: draft.addresses.clone(),
             ports,
             mesh_external: draft.mesh_external,
@@ -98,8 +105,60 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
     Ok(Snapshot::new(version, services, policy))
 }
 
+/// Text shared by everything built from one service: its names and each endpoint's labels.
+struct Shared {
+    hosts: Vec<Text>,
+    name: Text,
+    namespace: Text,
+    labels: Vec<Labels>,
+    accounts: Vec<Option<Text>>,
+}
+
+impl Shared {
+    fn new(draft: &ServiceDraft, interner: &mut Interner) -> Self {
+        Shared {
+            hosts: draft.hosts.iter().map(|h| Text::from(h.as_str())).collect(),
+            name: Text::from(draft.name.as_str()),
+            namespace: interner.get(&draft.namespace),
+            labels: draft
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Labels::new(
+                        e.labels
+                            .iter()
+                            .map(|(k, v)| (interner.get(k), interner.get(v)))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            accounts: draft
+                .endpoints
+                .iter()
+                .map(|e| e.service_account.as_deref().map(|a| interner.get(a)))
+                .collect(),
+        }
+    }
+}
+
+/// Stores each distinct string once (namespaces, label keys and values, port names).
+#[derive(Default)]
+struct Interner(HashMap<String, Text>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Text {
+        if let Some(text) = self.0.get(s) {
+            return text.clone();
+        }
+        let text = Text::from(s);
+        self.0.insert(s.to_string(), text.clone());
+        text
+    }
+}
+
 fn build_cluster(
     service: &ServiceDraft,
+    shared: &Shared,
     key: &ClusterKey,
     subsets: &HashMap<(usize, String), BTreeMap<String, String>>,
 ) -> Cluster {
@@ -115,21 +174,24 @@ fn build_cluster(
     let endpoints = service
         .endpoints
         .iter()
-        .filter(|e| selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
-        .map(|e| Endpoint {
+        .enumerate()
+        .filter(|(_, e)| {
+            selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+        })
+        .map(|(i, e)| Endpoint {
             addr: SocketAddr::new(
                 e.address,
                 e.ports.get(&port.name).copied().unwrap_or(port.target_port),
             ),
             weight: e.weight,
-            labels: e.labels.clone(),
-            service_account: e.service_account.clone(),
+            labels: shared.labels[i].clone(),
+            service_account: shared.accounts[i].clone(),
         })
         .collect();
     Cluster::new(
-        &service.hosts[0],
-        &service.name,
-        &service.namespace,
+        shared.hosts[0].clone(),
+        shared.name.clone(),
+        shared.namespace.clone(),
         key.port,
         key.subset.clone(),
         endpoints,

@@ -18,8 +18,8 @@ pub use compile::compile;
 pub use error::{ConfigError, Issue};
 pub use net::IpNet;
 pub use snapshot::{
-    Cluster, Endpoint, L4Match, OutboundPolicy, Protocol, Service, ServicePort, Snapshot, TcpRoute,
-    WeightedCluster,
+    Cluster, Endpoint, L4Match, Labels, OutboundPolicy, Protocol, Service, ServicePort, Snapshot,
+    TcpRoute, Text, WeightedCluster,
 };
 pub use source::SourceFile;
 

@@ -1,7 +1,7 @@
 //! The compiled config: immutable after [`crate::compile`], indexed for the data path's
 //! lookups (original destination → service port), shared across cores behind an `Arc`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -98,9 +98,9 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Service {
     /// Fully qualified host names; the first is the canonical one used in telemetry.
-    pub hosts: Vec<String>,
-    pub name: String,
-    pub namespace: String,
+    pub hosts: Vec<Text>,
+    pub name: Text,
+    pub namespace: Text,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub mesh_external: bool,
@@ -113,13 +113,13 @@ impl Service {
 
     fn dump(&self) -> Value {
         json!({
-            "hosts": self.hosts,
-            "namespace": self.namespace,
-            "name": self.name,
+            "hosts": self.hosts.iter().map(|h| h.as_ref()).collect::<Vec<&str>>(),
+            "namespace": self.namespace.as_ref(),
+            "name": self.name.as_ref(),
             "addresses": self.addresses,
             "ports": self.ports.iter().map(|p| json!({
                 "number": p.number,
-                "name": p.name,
+                "name": p.name.as_ref(),
                 "protocol": p.protocol.as_str(),
                 "routes": p.routes.iter().map(TcpRoute::dump).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
@@ -130,7 +130,7 @@ impl Service {
 #[derive(Debug)]
 pub struct ServicePort {
     pub number: u16,
-    pub name: String,
+    pub name: Text,
     pub protocol: Protocol,
     /// Routes in order; the first whose match accepts the connection wins. The last one is
     /// always a catch-all.
@@ -217,13 +217,13 @@ impl TcpRoute {
 
     fn dump(&self) -> Value {
         json!({
-            "virtualService": self.virtual_service,
+            "virtualService": self.virtual_service.as_deref(),
             "match": self.matches.iter().map(|m| json!({
                 "port": m.port,
                 "destinationSubnets": m.destination_subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "route": self.destinations.iter().map(|d| json!({
-                "cluster": d.cluster.name,
+                "cluster": d.cluster.name.as_ref(),
                 "weight": d.weight,
                 "endpoints": d.cluster.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
@@ -258,10 +258,11 @@ pub struct WeightedCluster {
 /// clusters (`outbound|9080|v1|reviews.default.svc.cluster.local`) so operators recognise them.
 #[derive(Debug)]
 pub struct Cluster {
-    pub name: String,
-    pub host: String,
-    pub service_name: String,
-    pub service_namespace: String,
+    pub name: Box<str>,
+    /// Shared with the service: a cluster costs no copies of its service's names.
+    pub host: Text,
+    pub service_name: Text,
+    pub service_namespace: Text,
     pub port: u16,
     pub subset: Option<String>,
     pub endpoints: Vec<Endpoint>,
@@ -272,19 +273,19 @@ pub struct Cluster {
 
 impl Cluster {
     pub(crate) fn new(
-        host: &str,
-        service_name: &str,
-        service_namespace: &str,
+        host: Text,
+        service_name: Text,
+        service_namespace: Text,
         port: u16,
         subset: Option<String>,
         endpoints: Vec<Endpoint>,
         passthrough: bool,
     ) -> Self {
         Cluster {
-            name: format!("outbound|{port}|{}|{host}", subset.as_deref().unwrap_or("")),
-            host: host.to_string(),
-            service_name: service_name.to_string(),
-            service_namespace: service_namespace.to_string(),
+            name: format!("outbound|{port}|{}|{host}", subset.as_deref().unwrap_or("")).into(),
+            host,
+            service_name,
+            service_namespace,
             port,
             subset,
             endpoints,
@@ -303,6 +304,41 @@ pub struct Endpoint {
     /// Address and the port to dial for this service port.
     pub addr: SocketAddr,
     pub weight: u32,
-    pub labels: BTreeMap<String, String>,
-    pub service_account: Option<String>,
+    pub labels: Labels,
+    pub service_account: Option<Text>,
+}
+
+/// Shared immutable text: names repeated across a snapshot (namespaces, label keys and
+/// values, hosts) are stored once.
+pub type Text = Arc<str>;
+
+/// An endpoint's labels, sorted by key, shared by every cluster (subset) the endpoint is in.
+/// A slice, not a map: endpoints have a handful of labels, and a map node costs ~0.5 KB.
+#[derive(Debug, Clone, Default)]
+pub struct Labels(Arc<[(Text, Text)]>);
+
+impl Labels {
+    pub fn new(mut pairs: Vec<(Text, Text)>) -> Self {
+        pairs.sort();
+        Labels(pairs.into())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_ref())
+    }
+
+    /// The shared value, for label sets that keep it (metrics) without copying.
+    pub fn get_shared(&self, key: &str) -> Option<&Text> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
 }

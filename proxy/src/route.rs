@@ -92,7 +92,7 @@ spec:
 
     fn cluster_of(d: Decision<'_>) -> String {
         match d {
-            Decision::Cluster { cluster, .. } => cluster.name.clone(),
+            Decision::Cluster { cluster, .. } => cluster.name.to_string(),
             other => format!("{other:?}"),
         }
     }

@@ -101,7 +101,7 @@ fn plan(snapshot: &Snapshot, ctx: &Context, direction: Direction, dst: SocketAdd
                             None,
                             ResponseFlag::UpstreamConnectFailure,
                         ),
-                        cluster: cluster.name.clone(),
+                        cluster: cluster.name.to_string(),
                     };
                 }
                 let candidates = balance::candidates(cluster, ctx.connect_attempts);
@@ -121,7 +121,7 @@ fn plan(snapshot: &Snapshot, ctx: &Context, direction: Direction, dst: SocketAdd
                         })
                         .collect(),
                     failed: id.outbound(service, cluster, None, failed_flag),
-                    cluster: cluster.name.clone(),
+                    cluster: cluster.name.to_string(),
                 }
             }
             Decision::Passthrough => Plan {

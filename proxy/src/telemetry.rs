@@ -49,8 +49,8 @@ fn unknown() -> Value {
 
 fn label_or_unknown(endpoint: Option<&Endpoint>, key: &str) -> Value {
     endpoint
-        .and_then(|e| e.labels.get(key))
-        .map(|s| v(s))
+        .and_then(|e| e.labels.get_shared(key))
+        .cloned()
         .unwrap_or_else(unknown)
 }
 
@@ -102,12 +102,12 @@ impl Identity {
     ) -> TcpLabels {
         let mut l = self.base("source");
         self.as_source(&mut l);
-        l.destination_service = v(service.host());
-        l.destination_service_name = v(&cluster.service_name);
-        l.destination_service_namespace = v(&cluster.service_namespace);
+        l.destination_service = service.hosts[0].clone();
+        l.destination_service_name = cluster.service_name.clone();
+        l.destination_service_namespace = cluster.service_namespace.clone();
         l.destination_workload = label_or_unknown(endpoint, "isthmus.io/workload");
         l.destination_workload_namespace = if endpoint.is_some() {
-            v(&cluster.service_namespace)
+            cluster.service_namespace.clone()
         } else {
             unknown()
         };

@@ -46,14 +46,14 @@ fn registry_is_indexed_by_vip_and_port() {
     let snap = snapshot("").unwrap();
     let (service, port) = snap.service_port(addr("10.96.0.10:9080")).unwrap();
     assert_eq!(service.host(), "reviews.shop.svc.cluster.local");
-    assert_eq!(port.name, "tcp-app");
+    assert_eq!(&*port.name, "tcp-app");
     assert!(snap.service_port(addr("[fd00:96::10]:9090")).is_some());
     assert!(snap.service_port(addr("10.96.0.10:1234")).is_none());
     assert!(snap.service_port(addr("10.66.0.2:8080")).is_none());
     // The implicit route sends to every endpoint, on each endpoint's port for this service port.
     let cluster = &port.routes.last().unwrap().destinations[0].cluster;
     assert_eq!(
-        cluster.name,
+        &*cluster.name,
         "outbound|9080||reviews.shop.svc.cluster.local"
     );
     let eps: Vec<String> = cluster
@@ -99,7 +99,7 @@ spec:
     assert_eq!(split.virtual_service.as_deref(), Some("shop/reviews"));
     assert_eq!(split.destinations[0].weight, 80);
     assert_eq!(
-        split.destinations[0].cluster.name,
+        &*split.destinations[0].cluster.name,
         "outbound|9080|v1|reviews.shop.svc.cluster.local"
     );
     assert_eq!(split.destinations[0].cluster.endpoints.len(), 1);
