@@ -319,7 +319,8 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
         time.sleep(swap_at)
         # The new config is written the kubelet way; t0 is the atomic rename.
         t0, t0_wall = c.config.write(registry_files(
-            c.protocol, extra_services=extra_services, new_route=True))
+            c.protocol, extra_services=extra_services, new_route=True,
+            fmt=getattr(c, "registry_format", "yaml")))
         threads = [ns.thread(poll_route), ns.thread(poll_version)]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (state["answer"] is None
@@ -337,8 +338,11 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
             "version_ms": None if state["version"] is None else (state["version"] - t0) * 1000,
             "swap_ms": None if state.get("stamp") is None else (state["stamp"] - t0_wall) * 1000,
             "sample": s,
-            "debounce": " ".join(c.extra_args[i:i + 2] for i, a in enumerate(c.extra_args)
-                                 if a == "--config-debounce-ms") or None,
+            "debounce": " ".join(
+                [f"{a} {c.extra_args[i + 1]}" for i, a in enumerate(c.extra_args)
+                 if a == "--config-debounce-ms"]
+                + ([f"registry as {c.registry_format.upper()}"]
+                   if getattr(c, "registry_format", "yaml") != "yaml" else [])) or None,
         }
         return r
     finally:
