@@ -11,7 +11,7 @@ use crate::runtime::Stream;
 /// read owns its buffer while it waits), and doubles it whenever a read fills it, up to a size
 /// that keeps bulk transfers at a few syscalls per megabyte.
 const INITIAL_BUFFER: usize = 2 * 1024;
-const MAX_BUFFER: usize = 64 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
