@@ -125,27 +125,65 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
-/// Reads a file's documents: YAML (`---`-separated), or for `*.json` files JSON — a document,
-/// an array of documents, or a stream of them. JSON is YAML's fast path: the controller writes
-/// large registries as JSON, parsed an order of magnitude faster than the same YAML.
-fn read_values(file: &SourceFile) -> Result<Vec<Value>, String> {
-    if file.name.ends_with(".json") {
-        let mut values = Vec::new();
-        for value in serde_json::Deserializer::from_str(&file.text).into_iter::<Value>() {
-            match value.map_err(|e| format!("invalid JSON: {e}"))? {
-                Value::Array(items) => values.extend(items),
-                other => values.push(other),
+fn read_yaml(file: &SourceFile) -> Result<Vec<Value>, String> {
+    serde_saphyr::from_multiple_with_options(&file.text, yaml_options())
+        .map_err(|e| format!("invalid YAML: {}", first_line(&e.to_string())))
+}
+
+/// A JSON document whose spec is left as raw text until its kind is known, so a large
+/// registry is deserialized straight into typed specs without building a JSON tree first
+/// (the tree's allocations dominated load time).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JsonEnvelope<'a> {
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    metadata: Option<Metadata>,
+    #[serde(borrow, default)]
+    spec: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, rename = "status")]
+    _status: Option<serde::de::IgnoredAny>,
+}
+
+/// `*.json`: one document, an array of documents, or a stream of them.
+fn read_json(file: &SourceFile) -> Result<Vec<JsonEnvelope<'_>>, String> {
+    let text = file.text.trim_start();
+    let invalid = |e: serde_json::Error| format!("invalid JSON: {e}");
+    if text.starts_with('[') {
+        serde_json::from_str(text).map_err(invalid)
+    } else {
+        serde_json::Deserializer::from_str(text)
+            .into_iter::<JsonEnvelope<'_>>()
+            .collect::<Result<_, _>>()
+            .map_err(invalid)
+    }
+}
+
+/// Where a document's spec comes from.
+enum Spec<'a> {
+    Tree(Value),
+    Raw(Option<&'a serde_json::value::RawValue>),
+}
+
+impl Spec<'_> {
+    fn typed<T: DeserializeOwned>(self) -> Result<T, FieldError> {
+        match self {
+            Spec::Tree(value) => typed("spec", value),
+            Spec::Raw(None) => typed("spec", Value::Null),
+            Spec::Raw(Some(raw)) => {
+                let mut de = serde_json::Deserializer::from_str(raw.get());
+                serde_path_to_error::deserialize(&mut de).map_err(path_error("spec"))
             }
         }
-        Ok(values)
-    } else {
-        serde_saphyr::from_multiple_with_options(&file.text, yaml_options())
-            .map_err(|e| format!("invalid YAML: {}", first_line(&e.to_string())))
     }
 }
 
 fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
-    let values = match read_values(file) {
+    if file.name.ends_with(".json") {
+        return parse_json_file(file, out, issues);
+    }
+    let values = match read_yaml(file) {
         Ok(values) => values,
         Err(message) => {
             issues.push(Issue {
@@ -172,6 +210,43 @@ fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue
     }
 }
 
+fn parse_json_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
+    let envelopes = match read_json(file) {
+        Ok(envelopes) => envelopes,
+        Err(message) => {
+            issues.push(Issue {
+                location: file.name.clone(),
+                field: String::new(),
+                message,
+            });
+            return;
+        }
+    };
+    for (index, doc) in envelopes.into_iter().enumerate() {
+        let metadata = match doc.metadata {
+            Some(metadata) => Ok(metadata),
+            None => typed("metadata", Value::Null),
+        };
+        let result = metadata.and_then(|metadata| {
+            build_document(
+                &file.name,
+                doc.api_version,
+                doc.kind,
+                metadata,
+                Spec::Raw(doc.spec),
+            )
+        });
+        match result {
+            Ok(doc) => out.push(doc),
+            Err((field, message)) => issues.push(Issue {
+                location: format!("{}: document {}", file.name, index + 1),
+                field,
+                message,
+            }),
+        }
+    }
+}
+
 type FieldError = (String, String);
 
 fn parse_document(file: &str, value: Value) -> Result<Document, FieldError> {
@@ -186,6 +261,17 @@ fn parse_document(file: &str, value: Value) -> Result<Document, FieldError> {
     if let Some(key) = map.keys().next() {
         return Err((key.clone(), "unknown top-level field".into()));
     }
+    build_document(file, api_version, kind, metadata, Spec::Tree(spec))
+}
+
+/// Checks the kind and apiVersion and reads the spec as that kind's type.
+fn build_document(
+    file: &str,
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    spec: Spec<'_>,
+) -> Result<Document, FieldError> {
     let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
     let named = |k: &'static str| -> Result<&'static str, FieldError> {
         if group != NETWORKING || !NETWORKING_VERSIONS.contains(&version) {
@@ -199,17 +285,17 @@ fn parse_document(file: &str, value: Value) -> Result<Document, FieldError> {
     let (kind, resource) = match kind.as_str() {
         "ServiceEntry" => (
             named("ServiceEntry")?,
-            Resource::ServiceEntry(typed("spec", spec)?),
+            Resource::ServiceEntry(spec.typed()?),
         ),
         "VirtualService" => (
             named("VirtualService")?,
-            Resource::VirtualService(typed("spec", spec)?),
+            Resource::VirtualService(spec.typed()?),
         ),
         "DestinationRule" => (
             named("DestinationRule")?,
-            Resource::DestinationRule(typed("spec", spec)?),
+            Resource::DestinationRule(spec.typed()?),
         ),
-        "Sidecar" => (named("Sidecar")?, Resource::Sidecar(typed("spec", spec)?)),
+        "Sidecar" => (named("Sidecar")?, Resource::Sidecar(spec.typed()?)),
         other => {
             let why = KINDS_NOT_YET
                 .iter()
@@ -245,16 +331,24 @@ fn take_string(map: &mut serde_json::Map<String, Value>, key: &str) -> Result<St
 
 /// Deserializes `value` as `T`, reporting the full path of the first bad field.
 fn typed<T: DeserializeOwned>(root: &str, value: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    serde_path_to_error::deserialize(value).map_err(path_error(root))
+}
+
+fn path_error<E: std::fmt::Display>(
+    root: &str,
+) -> impl FnOnce(serde_path_to_error::Error<E>) -> FieldError + '_ {
+    move |e| {
         let inner = e.path().to_string();
         let path = if inner == "." {
             root.to_string()
         } else {
             format!("{root}.{inner}")
         };
+        // serde_json appends a position inside the spec's text; the path says more.
         let message = e.inner().to_string();
-        (path, explain(&message))
-    })
+        let message = message.split(" at line ").next().unwrap_or(&message);
+        (path, explain(message))
+    }
 }
 
 /// Adds "not implemented yet" context to serde's unknown-field message when the field is real
