@@ -180,11 +180,24 @@ impl Spec<'_> {
 }
 
 fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
-    if file.name.ends_with(".json") {
-        return parse_json_file(file, out, issues);
-    }
-    let values = match read_yaml(file) {
-        Ok(values) => values,
+    // One entry per document in the file; `None` for an empty one (e.g. a trailing `---`).
+    let documents: Result<Vec<Option<Result<Document, FieldError>>>, String> =
+        if file.name.ends_with(".json") {
+            read_json(file).map(|docs| {
+                docs.into_iter()
+                    .map(|doc| Some(json_document(&file.name, doc)))
+                    .collect()
+            })
+        } else {
+            read_yaml(file).map(|values| {
+                values
+                    .into_iter()
+                    .map(|value| (!value.is_null()).then(|| parse_document(&file.name, value)))
+                    .collect()
+            })
+        };
+    let documents = match documents {
+        Ok(documents) => documents,
         Err(message) => {
             issues.push(Issue {
                 location: file.name.clone(),
@@ -194,15 +207,12 @@ fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue
             return;
         }
     };
-    for (index, value) in values.into_iter().enumerate() {
-        if value.is_null() {
-            continue; // an empty document, e.g. a trailing `---`
-        }
-        let location = format!("{}: document {}", file.name, index + 1);
-        match parse_document(&file.name, value) {
-            Ok(doc) => out.push(doc),
-            Err((field, message)) => issues.push(Issue {
-                location,
+    for (index, document) in documents.into_iter().enumerate() {
+        match document {
+            None => {}
+            Some(Ok(doc)) => out.push(doc),
+            Some(Err((field, message))) => issues.push(Issue {
+                location: format!("{}: document {}", file.name, index + 1),
                 field,
                 message,
             }),
@@ -210,41 +220,18 @@ fn parse_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue
     }
 }
 
-fn parse_json_file(file: &SourceFile, out: &mut Vec<Document>, issues: &mut Vec<Issue>) {
-    let envelopes = match read_json(file) {
-        Ok(envelopes) => envelopes,
-        Err(message) => {
-            issues.push(Issue {
-                location: file.name.clone(),
-                field: String::new(),
-                message,
-            });
-            return;
-        }
+fn json_document(file: &str, doc: JsonEnvelope<'_>) -> Result<Document, FieldError> {
+    let metadata = match doc.metadata {
+        Some(metadata) => metadata,
+        None => typed("metadata", Value::Null)?,
     };
-    for (index, doc) in envelopes.into_iter().enumerate() {
-        let metadata = match doc.metadata {
-            Some(metadata) => Ok(metadata),
-            None => typed("metadata", Value::Null),
-        };
-        let result = metadata.and_then(|metadata| {
-            build_document(
-                &file.name,
-                doc.api_version,
-                doc.kind,
-                metadata,
-                Spec::Raw(doc.spec),
-            )
-        });
-        match result {
-            Ok(doc) => out.push(doc),
-            Err((field, message)) => issues.push(Issue {
-                location: format!("{}: document {}", file.name, index + 1),
-                field,
-                message,
-            }),
-        }
-    }
+    build_document(
+        file,
+        doc.api_version,
+        doc.kind,
+        metadata,
+        Spec::Raw(doc.spec),
+    )
 }
 
 type FieldError = (String, String);
