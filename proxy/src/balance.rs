@@ -1,7 +1,7 @@
 //! Endpoint selection. Weighted round robin driven by a per-cluster ticket: deterministic, so
 //! splits are exact over a cycle and testable, and lock-free across cores.
 
-use isthmus_config::{Cluster, Endpoint};
+use isthmus_config::Cluster;
 
 /// Index into `weights` for ticket `ticket`: each index owns a run of `weight` consecutive
 /// tickets in every cycle of `sum(weights)`. `None` when every weight is zero or there are none.
@@ -21,9 +21,9 @@ pub fn pick_weighted(ticket: usize, weights: &[u32]) -> Option<usize> {
     None
 }
 
-/// The endpoints to try for one connection, in order: the balanced pick first, then the
-/// following ones, so that a refused connect can move on (at most `attempts`).
-pub fn candidates(cluster: &Cluster, attempts: usize) -> Vec<&Endpoint> {
+/// Indices into `cluster.endpoints` to try for one connection, in order: the balanced pick
+/// first, then the following ones, so that a refused connect can move on (at most `attempts`).
+pub fn candidates(cluster: &Cluster, attempts: usize) -> Vec<usize> {
     let endpoints = &cluster.endpoints;
     if endpoints.is_empty() {
         return Vec::new();
@@ -31,7 +31,7 @@ pub fn candidates(cluster: &Cluster, attempts: usize) -> Vec<&Endpoint> {
     let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
     let first = pick_weighted(cluster.next_ticket(), &weights).unwrap_or(0);
     (0..attempts.min(endpoints.len()))
-        .map(|i| &endpoints[(first + i) % endpoints.len()])
+        .map(|i| (first + i) % endpoints.len())
         .collect()
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use isthmus_config::Snapshot;
+use isthmus_config::{Cluster, Service, Snapshot};
 use tracing::Instrument;
 
 use crate::balance;
@@ -68,78 +68,90 @@ pub async fn accept_loop<R: Runtime>(
     }
 }
 
-/// Where to connect and how to report it.
+/// Where a connection goes, decided once from one snapshot. It holds the service and cluster
+/// (small `Arc`s), not the snapshot, so a long-lived connection does not keep an old config
+/// alive; label sets are built only for the outcome, not for every candidate.
 struct Plan {
-    /// Endpoints to try, in order; empty means refuse.
-    targets: Vec<(SocketAddr, TcpLabels)>,
-    /// Labels for when no target could be reached (or there was none).
-    failed: TcpLabels,
-    cluster: String,
+    target: Target,
+    /// Addresses to try in order, with the endpoint index each is (`None`: the original
+    /// destination). Empty means refuse.
+    candidates: Vec<(SocketAddr, Option<usize>)>,
+    /// The response flag when no candidate could be reached (or there was none).
+    failure: ResponseFlag,
+}
+
+enum Target {
+    Inbound,
+    Service {
+        service: Arc<Service>,
+        cluster: Arc<Cluster>,
+    },
+    /// PassthroughCluster or BlackHoleCluster.
+    Unregistered(&'static str),
+}
+
+impl Plan {
+    fn labels(&self, id: &Identity, endpoint: Option<usize>, flag: ResponseFlag) -> TcpLabels {
+        match &self.target {
+            Target::Inbound => id.inbound(flag),
+            Target::Service { service, cluster } => {
+                let endpoint = endpoint.and_then(|i| cluster.endpoints.get(i));
+                id.outbound(service, cluster, endpoint, flag)
+            }
+            Target::Unregistered(name) => id.outbound_unregistered(name, flag),
+        }
+    }
+
+    /// Istio-style cluster name, for the access log.
+    fn cluster_name(&self, dst: SocketAddr) -> String {
+        match &self.target {
+            Target::Inbound => format!("inbound|{}||", dst.port()),
+            Target::Service { cluster, .. } => cluster.name.to_string(),
+            Target::Unregistered(name) => (*name).to_string(),
+        }
+    }
 }
 
 fn plan(snapshot: &Snapshot, ctx: &Context, direction: Direction, dst: SocketAddr) -> Plan {
-    let id = &ctx.identity;
-    match direction {
-        Direction::Inbound => Plan {
-            targets: vec![(dst, id.inbound(ResponseFlag::None))],
-            failed: id.inbound(ResponseFlag::UpstreamConnectFailure),
-            cluster: format!("inbound|{}||", dst.port()),
-        },
-        Direction::Outbound => match route::outbound(snapshot, dst) {
-            Decision::Cluster {
-                service, cluster, ..
-            } => {
-                if cluster.passthrough {
-                    return Plan {
-                        targets: vec![(
-                            dst,
-                            id.outbound(service, cluster, None, ResponseFlag::None),
-                        )],
-                        failed: id.outbound(
-                            service,
-                            cluster,
-                            None,
-                            ResponseFlag::UpstreamConnectFailure,
-                        ),
-                        cluster: cluster.name.to_string(),
-                    };
-                }
-                let candidates = balance::candidates(cluster, ctx.connect_attempts);
-                let failed_flag = if candidates.is_empty() {
-                    ResponseFlag::NoHealthyUpstream
-                } else {
-                    ResponseFlag::UpstreamConnectFailure
-                };
-                Plan {
-                    targets: candidates
-                        .into_iter()
-                        .map(|e| {
-                            (
-                                e.addr,
-                                id.outbound(service, cluster, Some(e), ResponseFlag::None),
-                            )
-                        })
-                        .collect(),
-                    failed: id.outbound(service, cluster, None, failed_flag),
-                    cluster: cluster.name.to_string(),
-                }
+    let passthrough = |target| Plan {
+        target,
+        candidates: vec![(dst, None)],
+        failure: ResponseFlag::UpstreamConnectFailure,
+    };
+    if direction == Direction::Inbound {
+        return passthrough(Target::Inbound);
+    }
+    match route::outbound(snapshot, dst) {
+        Decision::Cluster {
+            service, cluster, ..
+        } => {
+            let target = Target::Service {
+                service: service.clone(),
+                cluster: cluster.clone(),
+            };
+            if cluster.passthrough {
+                return passthrough(target);
             }
-            Decision::Passthrough => Plan {
-                targets: vec![(
-                    dst,
-                    id.outbound_unregistered("PassthroughCluster", ResponseFlag::None),
-                )],
-                failed: id.outbound_unregistered(
-                    "PassthroughCluster",
-                    ResponseFlag::UpstreamConnectFailure,
-                ),
-                cluster: "PassthroughCluster".into(),
-            },
-            Decision::BlackHole => Plan {
-                targets: Vec::new(),
-                failed: id.outbound_unregistered("BlackHoleCluster", ResponseFlag::NoRoute),
-                cluster: "BlackHoleCluster".into(),
-            },
+            let candidates: Vec<_> = balance::candidates(cluster, ctx.connect_attempts)
+                .into_iter()
+                .map(|i| (cluster.endpoints[i].addr, Some(i)))
+                .collect();
+            let failure = if candidates.is_empty() {
+                ResponseFlag::NoHealthyUpstream
+            } else {
+                ResponseFlag::UpstreamConnectFailure
+            };
+            Plan {
+                target,
+                candidates,
+                failure,
+            }
+        }
+        Decision::Passthrough => passthrough(Target::Unregistered("PassthroughCluster")),
+        Decision::BlackHole => Plan {
+            target: Target::Unregistered("BlackHoleCluster"),
+            candidates: Vec::new(),
+            failure: ResponseFlag::NoRoute,
         },
     }
 }
@@ -175,37 +187,39 @@ async fn handle<R: Runtime>(
         }
     };
     // One snapshot for the whole connection: a reload never changes a connection's route.
-    let snapshot = ctx.store.load();
-    let plan = plan(&snapshot, ctx, direction, dst);
-    drop(snapshot);
+    let plan = plan(&ctx.store.load(), ctx, direction, dst);
 
     let mut connected = None;
-    for (addr, labels) in &plan.targets {
-        match tokio::time::timeout(ctx.connect_timeout, R::connect(*addr)).await {
+    for &(addr, endpoint) in &plan.candidates {
+        match tokio::time::timeout(ctx.connect_timeout, R::connect(addr)).await {
             Ok(Ok(server)) => {
-                connected = Some((server, *addr, labels));
+                connected = Some((server, addr, endpoint));
                 break;
             }
             Ok(Err(e)) => tracing::debug!(%addr, "connect failed: {e}"),
             Err(_) => tracing::debug!(%addr, "connect timed out after {:?}", ctx.connect_timeout),
         }
     }
-    let Some((server, upstream, labels)) = connected else {
-        let handles = ctx.metrics.tcp.open(&plan.failed);
+    let Some((server, upstream, endpoint)) = connected else {
+        let handles = ctx
+            .metrics
+            .tcp
+            .open(&plan.labels(&ctx.identity, None, plan.failure));
         handles.closed.inc();
         if ctx.access_log {
-            tracing::info!(target: "access", ?direction, %peer, %dst, cluster = %plan.cluster,
-                flags = %plan.failed.response_flags, "connection refused");
+            tracing::info!(target: "access", ?direction, %peer, %dst, cluster = %plan.cluster_name(dst),
+                flags = plan.failure.as_str(), "connection refused");
         }
         return;
     };
-    let handles = ctx.metrics.tcp.open(labels);
+    let labels = plan.labels(&ctx.identity, endpoint, ResponseFlag::None);
+    let handles = ctx.metrics.tcp.open(&labels);
     ctx.metrics.active_connections.inc();
     let (moved, result) = relay::relay(&client, &server, &handles.received, &handles.sent).await;
     ctx.metrics.active_connections.dec();
     handles.closed.inc();
     if ctx.access_log {
-        tracing::info!(target: "access", ?direction, %peer, %dst, %upstream, cluster = %plan.cluster,
+        tracing::info!(target: "access", ?direction, %peer, %dst, %upstream, cluster = %plan.cluster_name(dst),
             flags = %labels.response_flags, sent = moved.downstream, received = moved.upstream,
             duration_ms = started.elapsed().as_millis() as u64,
             error = result.as_ref().err().map(|e| e.to_string()), "connection closed");
