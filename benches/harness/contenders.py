@@ -16,12 +16,31 @@ from .ns import children, ip, nofile_hard  # noqa: F401
 class Env:
     """What contenders need from the run: pods, binaries, CPUs, worker count."""
 
-    def __init__(self, topo, bin_dir, work_dir, workers, proxy_cpus):
+    def __init__(self, topo, bin_dir, work_dir, workers, proxy_cpus, loadgen_cpus=frozenset()):
         self.topo = topo
         self.bin_dir = bin_dir
         self.work_dir = work_dir
         self.workers = workers
         self.proxy_cpus = proxy_cpus
+        self.loadgen_cpus = set(loadgen_cpus)
+
+    def sidecar_cpus(self, n):
+        """CPU sets for n proxy processes that are all in the path at once (two hops: two
+        sidecars). With 1 worker each gets a core of its own: the proxy core first, then the
+        next ones, wrapping round to the load generator's core when the machine has no more
+        (on 2 cores the second sidecar shares CPU 0 with the load generator and upstream).
+        With more workers every sidecar gets every proxy CPU, like any other proxy."""
+        if self.workers != 1:
+            return [set(self.proxy_cpus) for _ in range(n)]
+        ncpu = os.cpu_count() or 1
+        first = min(self.proxy_cpus)
+        spare = [c for c in range(ncpu) if c not in self.loadgen_cpus and c != first]
+        shared = sorted(self.loadgen_cpus) or [0]
+        out = [{first}]
+        for i in range(n - 1):
+            out.append({spare[i]} if i < len(spare)
+                       else {shared[(i - len(spare)) % len(shared)]})
+        return out
 
 
 class Contender:
@@ -30,6 +49,7 @@ class Contender:
     group = "?"  # baseline | isthmus | peer-tcp | peer-http
     client_pod = "cli"
     tcp = True  # can carry raw TCP (bulk throughput, idle connections)
+    cpu_note = None  # set when this contender could not get a core per proxy process
 
     def __init__(self):
         self.procs = []
@@ -267,7 +287,19 @@ class Isthmus(Contender):
         self.config = ConfigDir(os.path.join(env.work_dir, f"config-{self.name}"))
         self.write_config(**(config_kw or {}))
         pods = {"one-hop": ["clim"], "two-hop": ["clim", "srvm"], "explicit": ["cli"]}[self.mode]
-        for pod in pods:
+        # Each sidecar of a two-hop path gets its own core (BENCHMARK.md fairness); where that
+        # core is the load generator's, the row is marked as a lower bound.
+        cpus = env.sidecar_cpus(len(pods))
+        self.cpu_note = None
+        if len(pods) > 1 and env.workers == 1:
+            where = ", ".join(f"{pod} sidecar on CPU {','.join(map(str, sorted(c)))}"
+                              for pod, c in zip(pods, cpus))
+            shared = [pod for pod, c in zip(pods, cpus) if c & env.loadgen_cpus]
+            self.cpu_note = where + (
+                f"; the {' and '.join(shared)} sidecar shares its core with the load generator "
+                "and the upstream (not enough cores for one each): a lower bound"
+                if shared else "")
+        for pod, pod_cpus in zip(pods, cpus):
             extra = []
             if self.mode == "explicit":
                 extra = ["--no-capture",
@@ -276,7 +308,7 @@ class Isthmus(Contender):
                          f"127.0.0.1:{self.EXPLICIT_BULK_PORT}={T.VIP_ONE}:{T.BULK_PORT}"]
             uid = None if self.mode == "explicit" else T.PROXY_UID
             p = env.topo.pod(pod).spawn(f"proxy-{self.name}", self.proxy_argv(extra), uid=uid,
-                                        cpus=env.proxy_cpus, nofile=65536)
+                                        cpus=pod_cpus, nofile=65536)
             self.procs.append(p)
         for pod, p in zip(pods, self.procs):
             self.wait_ready(env.topo.pod(pod), p)
@@ -326,8 +358,67 @@ class Isthmus(Contender):
         return (T.VIP_TWO if self.mode == "two-hop" else T.VIP_ONE, T.BULK_PORT)
 
 
+# Peer tuning. A peer that loses because it was misconfigured proves nothing (BENCHMARK.md,
+# "Fairness"), so HAProxy and nginx are set up the way their own documentation advises for the
+# job, with buffers comparable to isthmus's relay buffers: isthmus starts each direction of a
+# relayed connection at 2 KiB and doubles it whenever a read fills it, up to 256 KiB
+# (proxy/src/relay.rs, INITIAL_BUFFER / MAX_BUFFER).
+PEER_TCP_BUFFER = 256 * 1024
+# HTTP mode: HAProxy's manual says to keep tune.bufsize at its 16 KiB default ("strongly
+# recommended not to change this from the default value"); nginx's proxy buffers are sized
+# the same so the two HTTP peers hold a whole 1 KiB response in one buffer.
+PEER_HTTP_BUFFER = 16 * 1024
+# HAProxy pipes for kernel splicing: a spliced stream uses one pipe (2 fds) per direction.
+# "maxpipes" defaults to maxconn/4; a fixed small pool leaves the fd budget to maxconn (the
+# idle-connection measure needs ~2 fds per held connection under a hard limit of 20000 here),
+# and the manual notes that too few pipes only fall back to recv/send.
+HAPROXY_MAXPIPES = 256
+
+_VV = {}
+
+
+def _version_text(argv):
+    if argv[0] not in _VV:
+        import subprocess
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            _VV[argv[0]] = r.stdout + r.stderr
+        except (OSError, subprocess.TimeoutExpired):
+            _VV[argv[0]] = ""
+    return _VV[argv[0]]
+
+
+def haproxy_has_splice():
+    """`haproxy -vv` lists +LINUX_SPLICE when kernel splicing was built in."""
+    return "+LINUX_SPLICE" in _version_text(["haproxy", "-vv"])
+
+
 class HAProxy(Contender):
-    """HAProxy (Debian package), explicit proxy in the client pod; mode tcp or http."""
+    """HAProxy (Debian package), explicit proxy in the client pod; mode tcp or http.
+
+    Directives (HAProxy 2.6 configuration manual, /usr/share/doc/haproxy/configuration.txt.gz):
+      global  nbthread N          one thread per worker, the same worker count as every proxy
+      global  maxconn M           enough for the idle-connection measure (each held connection
+                                  is one frontend connection), under the fd hard limit
+      global  maxpipes P          pipes for splicing (see HAPROXY_MAXPIPES)
+      global  tune.bufsize B      tcp: 256 KiB, isthmus's largest relay buffer; http: the 16 KiB
+                                  default the manual recommends keeping
+      global  tune.maxrewrite 1024  "generally wise to set it to about 1024" (reserved header
+                                  rewrite space; it also caps the first read at bufsize-1024)
+      tcp:    kernel splice(2) between the sockets, only if `haproxy -vv` shows +LINUX_SPLICE:
+              web listener (1 KiB request/response): option splice-auto, which splices only
+                                  where HAProxy's heuristics see a fast stream
+              bulk listener: option splice-request + option splice-response, which splice
+                                  "whenever possible". Measured here (HAProxy 2.6.12, strace):
+                                  splice-auto never engaged on a 512 MiB stream (0 splice calls,
+                                  all recvfrom/sendto), forced splicing cut HAProxy's CPU per GB
+                                  by ~40%, and forced splicing of 1 KiB exchanges cost ~12% more
+                                  CPU per request than splice-auto; so each listener gets the
+                                  option that is best for its traffic, as an operator would.
+      http:   option http-keep-alive, http-reuse always  keep-alive on both sides; idle server
+                                  connections are shared, so the upstream sees reused
+                                  connections (the path never breaks them: one local upstream)
+    """
 
     def __init__(self, mode):
         super().__init__()
@@ -336,40 +427,55 @@ class HAProxy(Contender):
         self.group = "peer-tcp" if mode == "tcp" else "peer-http"
         self.tcp = mode == "tcp"
         self.port = 8002 if mode == "tcp" else 8012
-        self.description = f"HAProxy mode {mode}, explicit listener, same single route"
+        self.splice = self.tcp and haproxy_has_splice()
+        tuning = (f"tune.bufsize {PEER_TCP_BUFFER // 1024}k"
+                  + (", option splice-auto (web), splice-request/response (bulk)" if self.splice
+                     else ", no splice (not built in)")
+                  if self.tcp else
+                  f"tune.bufsize {PEER_HTTP_BUFFER // 1024}k, http-reuse always")
+        self.description = (f"HAProxy mode {mode}, explicit listener, same single route; "
+                            f"{tuning}")
+
+    def config(self, env):
+        srv = T.PODS["srv"]
+        http = self.mode == "http"
+        maxconn = max(1000, min(60000, (nofile_hard() - 2 * HAPROXY_MAXPIPES - 500) // 2))
+        bufsize = PEER_HTTP_BUFFER if http else PEER_TCP_BUFFER
+        lines = [
+            "global",
+            f"  nbthread {env.workers}",
+            f"  maxconn {maxconn}",
+            f"  maxpipes {HAPROXY_MAXPIPES}",
+            f"  tune.bufsize {bufsize}",
+            "  tune.maxrewrite 1024",
+            "defaults",
+            f"  mode {self.mode}",
+            "  timeout connect 5s",
+            "  timeout client 600s",
+            "  timeout server 600s",
+        ]
+        if http:
+            lines += ["  option http-keep-alive", "  http-reuse always"]
+        lines += ["frontend web", f"  bind 127.0.0.1:{self.port}", "  default_backend web"]
+        if self.splice:
+            lines += ["  option splice-auto"]
+        lines += ["backend web", f"  server s1 {srv}:{T.HTTP_PORT}"]
+        if not http:
+            lines += ["frontend bulk", f"  bind 127.0.0.1:{self.port + 1000}",
+                      "  default_backend bulk"]
+            if self.splice:
+                lines += ["  option splice-request", "  option splice-response"]
+            lines += ["backend bulk", f"  server s1 {srv}:{T.BULK_PORT}"]
+        return "\n".join(lines) + "\n"
 
     def start(self, env):
         super().start(env)
         d = os.path.join(env.work_dir, self.name)
         os.makedirs(d, exist_ok=True)
-        srv = T.PODS["srv"]
-        http = self.mode == "http"
-        cfg = f"""global
-  nbthread {env.workers}
-  maxconn {max(1000, min(60000, (nofile_hard() - 500) // 2))}
-defaults
-  mode {self.mode}
-  timeout connect 5s
-  timeout client 600s
-  timeout server 600s
-{"  option http-keep-alive" if http else ""}
-frontend web
-  bind 127.0.0.1:{self.port}
-  default_backend web
-backend web
-{"  http-reuse always" if http else ""}
-  server s1 {srv}:{T.HTTP_PORT}
-"""
-        if not http:
-            cfg += f"""frontend bulk
-  bind 127.0.0.1:{self.port + 1000}
-  default_backend bulk
-backend bulk
-  server s1 {srv}:{T.BULK_PORT}
-"""
         path = os.path.join(d, "haproxy.cfg")
+        self.config_text = self.config(env)
         with open(path, "w") as f:
-            f.write(cfg)
+            f.write(self.config_text)
         p = env.topo.pod("cli").spawn(self.name, ["haproxy", "-db", "-f", path],
                                       cpus=env.proxy_cpus, nofile=200000)
         self.procs.append(p)
@@ -383,7 +489,26 @@ backend bulk
 
 
 class Nginx(Contender):
-    """nginx (Debian package), explicit proxy in the client pod; stream or http."""
+    """nginx (Debian package), explicit proxy in the client pod; stream or http.
+
+    Directives (nginx.org/en/docs: ngx_core_module, ngx_stream_core_module,
+    ngx_stream_proxy_module, ngx_http_proxy_module, ngx_http_upstream_module):
+      worker_processes N          the same worker count as every proxy
+      worker_connections          30000, or the fd hard limit if lower: a relayed connection
+                                  is two nginx connections; covers the idle-connection measure
+      worker_rlimit_nofile        the fd hard limit (nginx cannot raise it further)
+      stream: proxy_buffer_size 256k  "the buffer used for reading data from the proxied
+                                  server" and from the client (default 16k): isthmus's largest
+                                  relay buffer. nginx allocates both when a connection is set
+                                  up, whatever it carries.
+      stream: tcp_nodelay on      (the default since 1.9.4, set explicitly)
+      http:   upstream { keepalive 256; keepalive_requests; keepalive_timeout }
+              proxy_http_version 1.1; proxy_set_header Connection ""  the documented recipe for
+                                  keep-alive to the upstream
+      http:   proxy_buffer_size 16k; proxy_buffers 8 16k  header and body buffers (default one
+                                  page each): a whole response fits the first one
+      http:   tcp_nodelay on; keepalive_requests/keepalive_timeout to the client
+    """
 
     def __init__(self, mode):
         super().__init__()
@@ -392,7 +517,9 @@ class Nginx(Contender):
         self.group = "peer-tcp" if mode == "stream" else "peer-http"
         self.tcp = mode == "stream"
         self.port = 8003 if mode == "stream" else 8013
-        self.description = f"nginx {mode} proxy, explicit listener, same single route"
+        tuning = (f"proxy_buffer_size {PEER_TCP_BUFFER // 1024}k" if self.tcp else
+                  f"upstream keepalive, proxy_buffer_size {PEER_HTTP_BUFFER // 1024}k")
+        self.description = f"nginx {mode} proxy, explicit listener, same single route; {tuning}"
 
     STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -400,9 +527,7 @@ class Nginx(Contender):
         """The stream module is dynamic in Debian's nginx (package libnginx-mod-stream)."""
         if self.mode != "stream":
             return ""
-        import subprocess
-        v = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
-        if "--with-stream=dynamic" in v:
+        if "--with-stream=dynamic" in _version_text(["nginx", "-V"]):
             return f"load_module {self.STREAM_MODULE};\n"
         return ""
 
@@ -412,42 +537,58 @@ class Nginx(Contender):
                     "apt-get install libnginx-mod-stream)")
         return None
 
-    def start(self, env):
-        super().start(env)
-        d = os.path.join(env.work_dir, self.name)
-        os.makedirs(os.path.join(d, "logs"), exist_ok=True)
+    def config(self, env, d):
         srv = T.PODS["srv"]
         if self.mode == "stream":
+            buf = f"{PEER_TCP_BUFFER // 1024}k"
             body = f"""stream {{
+  tcp_nodelay on;
+  proxy_buffer_size {buf};
   server {{ listen 127.0.0.1:{self.port} backlog=4096; proxy_pass {srv}:{T.HTTP_PORT}; }}
   server {{ listen 127.0.0.1:{self.port + 1000}; proxy_pass {srv}:{T.BULK_PORT}; proxy_half_close on; }}
 }}"""
         else:
+            buf = f"{PEER_HTTP_BUFFER // 1024}k"
             body = f"""http {{
   access_log off;
+  tcp_nodelay on;
   keepalive_requests 100000000;
   keepalive_timeout 600s;
-  upstream web {{ server {srv}:{T.HTTP_PORT}; keepalive 256; keepalive_requests 100000000; }}
+  upstream web {{
+    server {srv}:{T.HTTP_PORT};
+    keepalive 256;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+  }}
   server {{
     listen 127.0.0.1:{self.port} backlog=4096;
     location / {{
       proxy_pass http://web;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_buffer_size {buf};
+      proxy_buffers 8 {buf};
     }}
   }}
 }}"""
-        conf = os.path.join(d, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(self.load_module() + f"""daemon off;
+        return self.load_module() + f"""daemon off;
 master_process on;
 worker_processes {env.workers};
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile {min(65536, nofile_hard())};
 pid {d}/nginx.pid;
 error_log stderr warn;
-events {{ worker_connections 30000; }}
+events {{ worker_connections {min(30000, nofile_hard())}; }}
 {body}
-""")
+"""
+
+    def start(self, env):
+        super().start(env)
+        d = os.path.join(env.work_dir, self.name)
+        os.makedirs(os.path.join(d, "logs"), exist_ok=True)
+        conf = os.path.join(d, "nginx.conf")
+        self.config_text = self.config(env, d)
+        with open(conf, "w") as f:
+            f.write(self.config_text)
         p = env.topo.pod("cli").spawn(self.name, ["nginx", "-p", d, "-e", "stderr", "-c", conf],
                                       cpus=env.proxy_cpus, nofile=65536)
         self.procs.append(p)

@@ -11,7 +11,7 @@ from . import load
 from . import topology as T
 from . import upstream
 from .contenders import registry_files
-from .ns import proc_cpu_seconds, proc_rss_bytes
+from .ns import proc_cpu_seconds, proc_pss_bytes, proc_rss_bytes, proc_unique_bytes
 
 
 class Plan:
@@ -64,6 +64,8 @@ class Results:
         self.backends = {}  # contender -> {pod: backend}
         self.contenders = []  # [(name, description, group)]
         self.skipped = []  # [(name, why)]
+        self.cpu_notes = {}  # contender -> why its CPU placement is not one core per proxy
+        self.configs = {}  # peer -> the config file it ran with (as written)
 
     def add(self, table, key, value):
         table.setdefault(key, []).append(value)
@@ -109,6 +111,10 @@ def run_contender_round(ctx, plan, results, c):
     try:
         c.start(env)
         c.verify()
+        if c.cpu_note:
+            results.cpu_notes[c.name] = c.cpu_note
+        if getattr(c, "config_text", None):
+            results.configs.setdefault(c.name, c.config_text)
         if isinstance(getattr(c, "backend_seen", None), dict) and c.backend_seen:
             results.backends[c.name] = dict(c.backend_seen)
         if plan.warmup:
@@ -165,19 +171,31 @@ def _established(pid, port):
     return n
 
 
-def _settle_rss(pids, wait=0.3):
+def _settle_mem(pids, wait=0.3):
+    """{"pss", "rss", "unique"} in bytes over pids, after letting the proxy settle. PSS is the
+    headline (shared pages split between the processes sharing them); RSS (summed) and unique
+    (each physical page of the proxy's processes once) are cross-checks."""
     time.sleep(wait)
-    return proc_rss_bytes(pids)
+    return {"pss": proc_pss_bytes(pids), "rss": proc_rss_bytes(pids),
+            "unique": proc_unique_bytes(pids)}
+
+
+def _mb(v):
+    return "?" if v is None else f"{v / 1e6:.2f} MB"
+
+
+def _fmt_mem(x):
+    return f"PSS {_mb(x['pss'])}, unique {_mb(x['unique'])}, RSS {_mb(x['rss'])}"
 
 
 def hold_connections(ctx, c, counts, log):
-    """Opens idle connections through c in steps; returns {count: rss}."""
+    """Opens idle connections through c in steps; returns {count: _settle_mem()}."""
     ns = c.client()
     host, port = c.target()
     up_pid = ctx.env.topo.upstreams["srv" if c.name != "isthmus-2hop" else "srvm"].pid
     base_up = _established(up_pid, T.HTTP_PORT)
     socks = []
-    out = {0: _settle_rss(c.proxy_pids())}
+    out = {0: _settle_mem(c.proxy_pids())}
     try:
         for target in counts:
             def open_more(n):
@@ -200,41 +218,54 @@ def hold_connections(ctx, c, counts, log):
                 raise RuntimeError(f"only {_established(up_pid, T.HTTP_PORT) - base_up} of "
                                    f"{target} connections reached the upstream")
             c.check_alive()
-            out[target] = _settle_rss(c.proxy_pids(), 0.5)
-            log(f"    {c.name:20} {target} idle connections: RSS {out[target] / 1e6:.2f} MB")
+            out[target] = _settle_mem(c.proxy_pids(), 0.5)
+            log(f"    {c.name:20} {target} idle connections: {_fmt_mem(out[target])}")
     finally:
         for s in socks:
             s.close()
     return out
 
 
+def _split(by_key):
+    """{k: {"pss", "rss", "unique"}} -> ({k: pss}, {k: rss}, {k: unique})."""
+    return tuple({k: v[m] for k, v in by_key.items()} for m in ("pss", "rss", "unique"))
+
+
 def memory(ctx, plan, results, contenders):
+    """PSS (headline), RSS and unique memory of every proxy: idle, with idle connections held
+    (TCP proxies), with extra routes (isthmus). m["idle"], m["conns"], m["routes"] are PSS; the
+    same keys with an "_rss" / "_unique" suffix hold RSS / unique pages."""
     from .contenders import Isthmus
     for c in contenders:
-        if not c.tcp or c.name in ("direct",) or c.name == "isthmus-2hop":
+        if c.name in ("direct",) or c.name == "isthmus-2hop":
             continue
         if c.group == "isthmus" and c.mode != "explicit":
             continue  # capture and explicit share the same process; one is enough
         m = {}
         try:
             c.start(ctx.env)
-            m["idle"] = _settle_rss(c.proxy_pids(), 0.5)
+            x = _settle_mem(c.proxy_pids(), 0.5)
+            m["idle"], m["idle_rss"], m["idle_unique"] = x["pss"], x["rss"], x["unique"]
+            m["nprocs"] = len(c.proxy_pids())
             c.verify()
-            conns = hold_connections(ctx, c, plan.idle_conns, ctx.log)
-            m["conns"] = conns
+            if c.tcp:
+                # An HTTP proxy opens no upstream connection for an idle client connection, so
+                # idle connections are held only through the TCP proxies.
+                m["conns"], m["conns_rss"], m["conns_unique"] = _split(
+                    hold_connections(ctx, c, plan.idle_conns, ctx.log))
             c.stop()
             if isinstance(c, Isthmus):
-                m["routes"] = {}
+                routes = {}
                 for n in [0] + list(plan.routes):
                     c.start(ctx.env, config_kw={"extra_services": n})
                     dump = c.config_dump()
                     c.verify()
-                    m["routes"][n] = _settle_rss(c.proxy_pids(), 0.5)
+                    routes[n] = _settle_mem(c.proxy_pids(), 0.5)
                     m.setdefault("versions", {})[n] = dump.get("version")
-                    ctx.log(f"    {c.name:20} {n} extra services: RSS "
-                            f"{m['routes'][n] / 1e6:.2f} MB")
+                    ctx.log(f"    {c.name:20} {n} extra services: {_fmt_mem(routes[n])}")
                     c.stop()
-            ctx.log(f"    {c.name:20} idle RSS {m['idle'] / 1e6:.2f} MB")
+                m["routes"], m["routes_rss"], m["routes_unique"] = _split(routes)
+            ctx.log(f"    {c.name:20} idle: {_fmt_mem(x)}")
         except Exception as e:  # noqa: BLE001
             results.failures.append((c.name, "memory", f"{type(e).__name__}: {e}"))
             ctx.log(f"    {c.name}: memory FAILED: {e}")

@@ -300,17 +300,77 @@ def proc_cpu_seconds(pids):
     return total / tck
 
 
-def proc_rss_bytes(pids):
+def _sum_kb_field(pids, path, field):
+    """Sum over pids of the first `field` line ("VmRSS:", "Pss:") of /proc/PID/<path>, in
+    bytes (the kernel reports kB)."""
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/{path}") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1]) * 1024
+                        break
         except OSError:
             pass
     return total
+
+
+def proc_rss_bytes(pids):
+    return _sum_kb_field(pids, "status", "VmRSS:")
+
+
+def proc_pss_bytes(pids):
+    """Proportional set size summed over the given processes (Pss in /proc/PID/smaps_rollup):
+    a page shared by k processes counts 1/k in each, so a proxy made of several processes
+    (nginx master + workers) is not charged twice for the pages they share, and shared
+    libraries count only the share this proxy maps."""
+    return _sum_kb_field(pids, "smaps_rollup", "Pss:")
+
+
+def proc_unique_bytes(pids):
+    """Physical memory held by the given processes with every page counted once: the distinct
+    page frames (from /proc/PID/pagemap; needs root) of all their resident pages, plus their
+    swapped-out pages. Unlike PSS it does not depend on what else runs on the machine (a page
+    the proxy shares with an unrelated process counts whole), and unlike summed RSS it counts
+    a page shared between the proxy's own processes once. None if frame numbers are hidden."""
+    import array
+    page = os.sysconf("SC_PAGE_SIZE")
+    frames, swapped = set(), 0
+    for pid in pids:
+        try:
+            ranges = []
+            with open(f"/proc/{pid}/smaps") as f:
+                cur = None
+                for line in f:
+                    head = line.split(None, 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        a, b = head.split("-")
+                        cur = (int(a, 16), int(b, 16))
+                    elif head in ("Rss:", "Swap:") and cur and int(line.split()[1]) > 0:
+                        ranges.append(cur)
+                        cur = None
+            fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            for a, b in ranges:
+                n = (b - a) // page
+                entries = array.array("Q")
+                entries.frombytes(os.pread(fd, n * 8, (a // page) * 8))
+                for e in entries:
+                    if e >> 63:  # present
+                        pfn = e & ((1 << 55) - 1)
+                        if pfn == 0:
+                            return None  # frame numbers hidden (no CAP_SYS_ADMIN)
+                        frames.add(pfn)
+                    elif (e >> 62) & 1:  # swapped
+                        swapped += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return (len(frames) + swapped) * page
 
 
 def children(pid):
