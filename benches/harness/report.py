@@ -183,9 +183,15 @@ def markdown(results, meta, plan, svg_name, profiles=()):
       "Values are median [min–max] over valid rounds; runs with errors are listed below and "
       "never averaged in.\n")
 
+    w("## Conditions\n")
     if meta.get("note"):
-        w("## Conditions\n")
         w(meta["note"] + "\n")
+    if meta.get("loadavg"):
+        (a1, a5, a15), (b1, b5, b15) = meta["loadavg"]
+        w(f"Load average (1/5/15 min) on this {meta['machine'].get('nproc', '?')}-CPU machine: "
+          f"{a1:.1f}/{a5:.1f}/{a15:.1f} at the start of the run, {b1:.1f}/{b5:.1f}/{b15:.1f} "
+          "at the end (the harness's own processes included; well above the CPU count means "
+          "other work competed for the cores).\n")
 
     w("## Validity\n")
     bad = []
