@@ -299,7 +299,8 @@ impl Compiler {
             return vec![weights[0].unwrap_or(100).max(1)];
         }
         let resolved: Vec<u32> = weights.iter().map(|w| w.unwrap_or(0)).collect();
-        let sum: u32 = resolved.iter().sum();
+        // Summed wide: u32 weights from user YAML must not wrap to a plausible 100.
+        let sum: u64 = resolved.iter().map(|w| u64::from(*w)).sum();
         if sum != 100 {
             self.issue(
                 doc,

@@ -6,6 +6,8 @@ use std::fmt;
 /// Why a config was rejected. The last good snapshot keeps serving when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("config directory {dir} does not exist (is the ConfigMap volume mounted?)")]
+    MissingDir { dir: String },
     #[error("cannot read config directory {dir}: {source}")]
     ReadDir { dir: String, source: std::io::Error },
     #[error("cannot read {file}: {source}")]

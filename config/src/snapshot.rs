@@ -2,6 +2,7 @@
 //! lookups (original destination → service port), shared across cores behind an `Arc`.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -78,6 +79,48 @@ impl Snapshot {
         let (s, p) = *self.by_address.get(&dst)?;
         let service = &self.services[s];
         Some((service, &service.ports[p]))
+    }
+
+    /// Carries the balancers' positions over from `previous`, the snapshot this one replaces:
+    /// a cluster whose endpoints did not change, and a route whose destinations did not
+    /// change, continue their round robin where they were. Everything else starts at an offset
+    /// derived from `seed` (random per sidecar), so that neither a reload nor a fleet of
+    /// sidecars starting together sends every first connection to the same endpoint.
+    pub fn continue_balancing(&self, previous: &Snapshot, seed: u64) {
+        let mut old_clusters: HashMap<&str, &Cluster> = HashMap::new();
+        let mut old_routes: HashMap<(SocketAddr, usize), &TcpRoute> = HashMap::new();
+        for (&addr, &(s, p)) in &previous.by_address {
+            for (r, route) in previous.services[s].ports[p].routes.iter().enumerate() {
+                old_routes.insert((addr, r), route);
+                for d in &route.destinations {
+                    old_clusters.insert(&d.cluster.name, &d.cluster);
+                }
+            }
+        }
+        let offset = |name: &str| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (seed, name).hash(&mut h);
+            h.finish() as usize
+        };
+        for (&addr, &(s, p)) in &self.by_address {
+            for (r, route) in self.services[s].ports[p].routes.iter().enumerate() {
+                let start = match old_routes.get(&(addr, r)) {
+                    Some(old) if old.same_destinations(route) => old.ticket.load(Ordering::Relaxed),
+                    _ => offset(&format!("{addr}/{r}")),
+                };
+                route.ticket.store(start, Ordering::Relaxed);
+                for d in &route.destinations {
+                    let cluster = &d.cluster;
+                    let start = match old_clusters.get(&*cluster.name) {
+                        Some(old) if old.same_endpoints(cluster) => {
+                            old.ticket.load(Ordering::Relaxed)
+                        }
+                        _ => offset(&cluster.name),
+                    };
+                    cluster.ticket.store(start, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// A JSON view for the admin port's `/config_dump`.
@@ -215,6 +258,15 @@ impl TcpRoute {
         self.ticket.fetch_add(1, Ordering::Relaxed)
     }
 
+    fn same_destinations(&self, other: &TcpRoute) -> bool {
+        self.destinations.len() == other.destinations.len()
+            && self
+                .destinations
+                .iter()
+                .zip(&other.destinations)
+                .all(|(a, b)| a.weight == b.weight && a.cluster.name == b.cluster.name)
+    }
+
     fn dump(&self) -> Value {
         json!({
             "virtualService": self.virtual_service.as_deref(),
@@ -296,6 +348,15 @@ impl Cluster {
 
     pub fn next_ticket(&self) -> usize {
         self.ticket.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn same_endpoints(&self, other: &Cluster) -> bool {
+        self.endpoints.len() == other.endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(&other.endpoints)
+                .all(|(a, b)| a.addr == b.addr && a.weight == b.weight)
     }
 }
 

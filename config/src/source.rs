@@ -1,6 +1,9 @@
 //! Reading a mounted ConfigMap directory. Kubelet's layout is
-//! `name.yaml -> ..data/name.yaml`, `..data -> ..2026_11_22_02_00_00.123`; following the
-//! top-level names and skipping dot-entries reads exactly one consistent generation.
+//! `name.yaml -> ..data/name.yaml`, `..data -> ..2026_11_22_02_00_00.123`, and an update
+//! writes a new generation directory and renames `..data` over the old link. Following each
+//! top-level link separately could read one file from the old generation and the next from
+//! the new, so when `..data` exists it is resolved once and the files are read from the
+//! generation directory it names: one consistent generation.
 
 use std::path::Path;
 
@@ -21,26 +24,31 @@ impl SourceFile {
         }
     }
 
-    /// Reads every `*.yaml` / `*.yml` / `*.json` file at the top of `dir`, sorted by name. A missing
-    /// directory reads as empty: a sidecar that starts before its ConfigMap exists must not
-    /// break the pod's traffic.
+    /// Reads every `*.yaml` / `*.yml` / `*.json` file of one generation of `dir`, sorted by
+    /// name. A missing directory is an error ([`ConfigError::MissingDir`]), not an empty
+    /// config: a sidecar must not mistake "no ConfigMap mounted" for "no policy".
     pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigError> {
-        let entries = match std::fs::read_dir(dir) {
+        let read_err = |source| ConfigError::ReadDir {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let generation = match std::fs::canonicalize(dir.join("..data")) {
+            Ok(target) => target,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir.to_path_buf(),
+            Err(source) => return Err(read_err(source)),
+        };
+        let entries = match std::fs::read_dir(&generation) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(ConfigError::ReadDir {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::MissingDir {
                     dir: dir.display().to_string(),
-                    source,
                 })
             }
+            Err(source) => return Err(read_err(source)),
         };
         let mut files = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| ConfigError::ReadDir {
-                dir: dir.display().to_string(),
-                source,
-            })?;
+            let entry = entry.map_err(read_err)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.')
                 || ![".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
@@ -48,7 +56,7 @@ impl SourceFile {
                 continue;
             }
             let path = entry.path();
-            // `metadata` follows symlinks: kubelet's files are links into `..data`.
+            // `metadata` follows symlinks (a hand-made directory may link its files anywhere).
             match std::fs::metadata(&path) {
                 Ok(meta) if meta.is_file() => {}
                 _ => continue,
@@ -112,6 +120,36 @@ mod tests {
         let files = SourceFile::read_dir(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(files, vec![SourceFile::new("mesh.yaml", "kind: x")]);
-        assert!(SourceFile::read_dir(&dir).unwrap().is_empty());
+        assert!(matches!(
+            SourceFile::read_dir(&dir),
+            Err(ConfigError::MissingDir { .. })
+        ));
+    }
+
+    /// Between kubelet renaming `..data` to a new generation and relinking the top-level
+    /// names, the top-level links may still point at the old generation's files (or at none):
+    /// the files are read from the generation `..data` names, all of them from the same one.
+    #[test]
+    fn reads_one_generation_through_data_link() {
+        let dir = std::env::temp_dir().join(format!("isthmus-src-gen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (generation, text) in [("..old", "old"), ("..new", "new")] {
+            std::fs::create_dir_all(dir.join(generation)).unwrap();
+            std::fs::write(dir.join(generation).join("a.yaml"), text).unwrap();
+            std::fs::write(dir.join(generation).join("b.yaml"), text).unwrap();
+        }
+        // Mid-update: `..data` already names the new generation, a top-level link still names
+        // an old file directly.
+        std::os::unix::fs::symlink("..new", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..old/a.yaml", dir.join("a.yaml")).unwrap();
+        let files = SourceFile::read_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            files,
+            vec![
+                SourceFile::new("a.yaml", "new"),
+                SourceFile::new("b.yaml", "new")
+            ]
+        );
     }
 }

@@ -44,10 +44,24 @@ fn skip_reason() -> Option<&'static str> {
     None
 }
 
+/// Records the running test as skipped for `scripts/test.sh`, which moves the tests listed in
+/// `$ISTHMUS_SKIP_LOG` from "passed" to "skipped" (libtest has no run-time skip).
+fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed test");
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("ISTHMUS_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(log) {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
+
 macro_rules! skip_unless_capable {
     () => {
         if let Some(reason) = skip_reason() {
-            eprintln!("skipping netns test: {reason}");
+            skip(reason);
             return;
         }
     };
@@ -199,7 +213,7 @@ fn nft_install_is_idempotent_and_cleanup_removes_everything() {
 fn legacy_install_is_idempotent_and_cleanup_removes_everything() {
     skip_unless_capable!();
     if !have("iptables-legacy-restore") || !have("ip6tables-legacy-restore") {
-        eprintln!("skipping: iptables-legacy binaries are not installed");
+        skip("iptables-legacy binaries are not installed");
         return;
     }
     lifecycle("legacy");

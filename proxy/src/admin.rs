@@ -4,12 +4,12 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::metrics::Metrics;
 use crate::state::ConfigStore;
@@ -26,16 +26,39 @@ pub struct AdminState {
     /// Set on SIGTERM or `/quitquitquit`: readiness fails so no new traffic is sent here.
     pub draining: AtomicBool,
     pub shutdown: Notify,
+    /// Set when a worker died: the process is about to exit, and must not look ready.
+    pub workers_failed: AtomicBool,
     pub set_log_level: SetLogLevel,
     pub info: serde_json::Value,
+    pub limits: AdminLimits,
+}
+
+/// Bounds on the admin endpoints, which must answer probes whatever clients do.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// A request's head must arrive within this (a whole-request deadline, not per read:
+    /// a client dribbling a byte a second cannot hold a connection).
+    pub request_timeout: Duration,
+    /// Connections open at once, per endpoint (admin, readiness, scrape); more are closed.
+    pub max_connections: usize,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            request_timeout: Duration::from_secs(5),
+            max_connections: 64,
+        }
+    }
 }
 
 impl AdminState {
-    /// Ready: listeners bound, a config loaded, not draining.
+    /// Ready: listeners bound, a config loaded, every worker alive, not draining.
     pub fn ready(&self) -> bool {
         self.listening.load(Ordering::Acquire)
             && self.store.has_loaded()
             && !self.draining.load(Ordering::Acquire)
+            && !self.workers_failed.load(Ordering::Acquire)
     }
 
     pub fn begin_drain(&self) {
@@ -55,6 +78,7 @@ pub enum Role {
 
 /// Serves `role` on an already-bound listener until the process ends.
 pub async fn serve(listener: TcpListener, role: Role, state: Arc<AdminState>) {
+    let slots = Arc::new(Semaphore::new(state.limits.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -64,11 +88,17 @@ pub async fn serve(listener: TcpListener, role: Role, state: Arc<AdminState>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.metrics.admin_refused.inc();
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, role, &state).await {
                 tracing::debug!("admin request: {e}");
             }
+            drop(slot);
         });
     }
 }
@@ -104,10 +134,11 @@ impl Response {
 const MAX_HEAD: usize = 16 * 1024;
 
 async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::io::Result<()> {
+    let deadline = tokio::time::Instant::from_std(Instant::now() + state.limits.request_timeout);
     let mut head = Vec::with_capacity(1024);
     let response = loop {
         let mut chunk = [0u8; 2048];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         if n == 0 {
@@ -148,8 +179,9 @@ async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::i
     // the response (a 431 is exactly that case). Drain a bounded amount first.
     let mut sink = [0u8; 4096];
     let mut drained = 0;
+    let linger = tokio::time::Instant::now() + Duration::from_secs(1);
     while drained < 256 * 1024 {
-        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut sink)).await {
+        match tokio::time::timeout_at(linger, stream.read(&mut sink)).await {
             Ok(Ok(n)) if n > 0 => drained += n,
             _ => break,
         }
@@ -162,8 +194,18 @@ fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response
     let readiness = || {
         if state.ready() {
             Response::text(200, "LIVE\n")
+        } else if state.workers_failed.load(Ordering::Acquire) {
+            Response::text(503, "NOT READY: a worker died; the proxy is exiting\n")
         } else if state.draining.load(Ordering::Acquire) {
             Response::text(503, "DRAINING\n")
+        } else if state.listening.load(Ordering::Acquire) {
+            let why = state
+                .store
+                .status()
+                .last_error
+                .map(|(_, issues)| issues.join("; "))
+                .unwrap_or_else(|| "loading".into());
+            Response::text(503, format!("NOT READY: no config loaded ({why})\n"))
         } else {
             Response::text(
                 503,
@@ -214,7 +256,7 @@ fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response
 mod tests {
     use super::*;
 
-    async fn start() -> (SocketAddr, Arc<AdminState>) {
+    async fn start_with(limits: AdminLimits) -> (SocketAddr, Arc<AdminState>) {
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(AdminState {
             store: ConfigStore::new(metrics.clone()),
@@ -222,6 +264,7 @@ mod tests {
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             shutdown: Notify::new(),
+            workers_failed: AtomicBool::new(false),
             set_log_level: Arc::new(|l: &str| {
                 if l == "debug" {
                     Ok(())
@@ -230,11 +273,16 @@ mod tests {
                 }
             }),
             info: json!({}),
+            limits,
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(listener, Role::Admin, state.clone()));
         (addr, state)
+    }
+
+    async fn start() -> (SocketAddr, Arc<AdminState>) {
+        start_with(AdminLimits::default()).await
     }
 
     async fn send(addr: SocketAddr, request: &[u8]) -> String {
@@ -245,23 +293,40 @@ mod tests {
         out
     }
 
+    fn config_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("isthmus-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mesh.yaml"), "").unwrap();
+        dir
+    }
+
     #[tokio::test]
-    async fn readiness_follows_listeners_config_and_drain() {
+    async fn readiness_follows_listeners_config_workers_and_drain() {
         let (addr, state) = start().await;
         assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
             .await
             .starts_with("HTTP/1.1 503"));
         state.listening.store(true, Ordering::Release);
-        assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
-            .await
-            .starts_with("HTTP/1.1 503"));
+        // Listening but no config: not ready, and the reason is given.
         state
             .store
-            .reload_from(std::path::Path::new("/nonexistent/isthmus"))
-            .await;
+            .reload_from(std::path::Path::new("/nonexistent/isthmus"));
+        let reply = send(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
+        assert!(
+            reply.starts_with("HTTP/1.1 503") && reply.contains("does not exist"),
+            "{reply}"
+        );
+        state.store.reload_from(&config_dir());
         assert!(send(addr, b"GET /ready HTTP/1.1\r\n\r\n")
             .await
             .starts_with("HTTP/1.1 200"));
+        state.workers_failed.store(true, Ordering::Release);
+        let reply = send(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
+        assert!(
+            reply.starts_with("HTTP/1.1 503") && reply.contains("worker died"),
+            "{reply}"
+        );
+        state.workers_failed.store(false, Ordering::Release);
         assert!(send(addr, b"GET /quitquitquit HTTP/1.1\r\n\r\n")
             .await
             .starts_with("HTTP/1.1 405"));
@@ -295,5 +360,79 @@ mod tests {
             .starts_with("HTTP/1.1 400"));
         let dump = send(addr, b"GET /config_dump HTTP/1.1\r\n\r\n").await;
         assert!(dump.contains("\"lastError\": null"), "{dump}");
+    }
+
+    /// Found in review: the admin timeout was per read, so a client sending a byte every few
+    /// seconds held a connection forever. The deadline covers the whole request head.
+    #[tokio::test]
+    async fn a_dribbling_client_is_cut_off_at_the_request_deadline() {
+        let (addr, _) = start_with(AdminLimits {
+            request_timeout: Duration::from_millis(300),
+            max_connections: 64,
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let mut closed_after = None;
+        for byte in b"GET /ready HTTP/1.1\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+            if stream.write_all(&[*byte]).await.is_err() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            let mut probe = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed_after = Some(started.elapsed());
+                    break;
+                }
+                Ok(Ok(n)) => panic!("answered a partial request: {:?}", &probe[..n]),
+                Err(_) => {} // still open: keep dribbling
+            }
+        }
+        let closed_after = closed_after.expect("the connection outlived the request deadline");
+        assert!(closed_after < Duration::from_secs(2), "{closed_after:?}");
+    }
+
+    /// Connections over the cap are closed at once and counted; probes work again when the
+    /// idle ones go away.
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused_and_counted() {
+        let (addr, state) = start_with(AdminLimits {
+            request_timeout: Duration::from_secs(30),
+            max_connections: 4,
+        })
+        .await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            let s = TcpStream::connect(addr).await.unwrap();
+            idle.push(s);
+        }
+        // Each idle connection is accepted in turn; the fifth finds no slot.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            if out.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never refused");
+            tokio::task::yield_now().await;
+        }
+        assert!(state.metrics.admin_refused.get() >= 1);
+        drop(idle);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            if out.starts_with(b"HTTP/1.1 503") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "slots never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::policy::BeforeConfig;
 use crate::runtime::BackendChoice;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -43,21 +44,53 @@ pub struct Args {
     /// as if the app had dialled DESTINATION (no iptables needed). Repeatable.
     #[arg(long = "explicit", value_name = "LISTEN=DESTINATION")]
     pub explicit: Vec<ExplicitListener>,
-    /// How long a connect to an endpoint may take before the next is tried.
+    /// How long one connect attempt may take before the next endpoint is tried.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
+    /// How long all connect attempts of one connection may take together (Istio's
+    /// `connectionPool.tcp.connectTimeout`, 10 s).
+    #[arg(long, default_value_t = 10_000)]
+    pub connect_deadline_ms: u64,
     /// How many endpoints to try when connects fail.
     #[arg(long, default_value_t = 3)]
     pub connect_attempts: usize,
-    /// On SIGTERM or /quitquitquit, how long to wait for open connections before exiting.
+    /// A relayed connection with no bytes in either direction for this long is closed
+    /// (Istio's `connectionPool.tcp.idleTimeout`, 1 h).
+    #[arg(long, default_value_t = 3600)]
+    pub idle_timeout_secs: u64,
+    /// Once one side of a connection has finished sending (FIN), the other must send
+    /// something at least this often or the connection is closed (HAProxy's
+    /// `timeout client-fin`/`server-fin`).
+    #[arg(long, default_value_t = 60)]
+    pub half_close_timeout_secs: u64,
+    /// Connections the proxy holds open at once, over all workers (each takes two file
+    /// descriptors); more are closed at accept and counted. 0: derived from the file
+    /// descriptor limit (half of it, less a reserve for listeners and admin).
+    #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+    /// What outbound traffic does before the first config has loaded. Inbound traffic is
+    /// always refused then (fail closed).
+    #[arg(long, value_enum, default_value_t = BeforeConfig::Deny)]
+    pub outbound_before_config: BeforeConfig,
+    /// On SIGTERM or /quitquitquit, how long to wait for open connections before closing them
+    /// and exiting.
     #[arg(long, default_value_t = 5)]
     pub drain_timeout_secs: u64,
     /// Quiet time after a burst of file events before reloading.
     #[arg(long, default_value_t = 100)]
     pub config_debounce_ms: u64,
+    /// The longest a reload waits after the first event of a burst that does not go quiet.
+    #[arg(long, default_value_t = 1000)]
+    pub config_debounce_max_ms: u64,
     /// Re-read the config directory this often even without events.
     #[arg(long, default_value_t = 30)]
     pub config_resync_secs: u64,
+    /// An admin, readiness or scrape request must arrive whole within this.
+    #[arg(long, default_value_t = 5000)]
+    pub admin_request_timeout_ms: u64,
+    /// Connections open at once on each admin endpoint; more are closed.
+    #[arg(long, default_value_t = 64)]
+    pub admin_max_connections: usize,
     /// Log one line per connection (target `access`).
     #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
     pub access_log: bool,

@@ -1,21 +1,33 @@
 //! isthmus-proxy: the sidecar.
 //!
-//! A connection's path through the modules: [`listen`] (accept, original destination) →
-//! [`route`] (service, route, cluster from the snapshot) → [`balance`] (endpoint) → connect →
-//! [`relay`] (bytes both ways) → outcome recorded once ([`telemetry`], [`metrics`]); [`serve`]
-//! strings them together. Around them: [`state`] (snapshot store and watcher), [`admin`], and
-//! [`runtime`] (io_uring or epoll, thread-per-core).
+//! A connection's path through the modules: [`listen`] (accept, connection cap, original
+//! destination) → [`detect`] (protocol, prefix read once) → [`policy`] (admit: fail closed,
+//! later authorization) → [`route`] (service, route, cluster from the snapshot) → [`balance`]
+//! (endpoint) → [`connect`] (dial within a deadline; TLS later) → [`relay`] (bytes both ways,
+//! bounded) → outcome recorded once ([`telemetry`], [`metrics`]); [`serve`] strings them
+//! together. Around them: [`state`] (snapshot store), [`watch`] (config watcher thread),
+//! [`drain`] (the shutdown signal), [`admin`], [`process`] and [`runtime`] (io_uring or epoll,
+//! thread-per-core).
 
 pub mod admin;
 pub mod balance;
+pub mod connect;
+pub mod detect;
+pub mod drain;
 pub mod listen;
 pub mod metrics;
+pub mod policy;
+pub mod process;
 pub mod relay;
 pub mod route;
 pub mod runtime;
 pub mod serve;
 pub mod state;
 pub mod telemetry;
+pub mod watch;
+
+#[cfg(test)]
+mod test_support;
 
 mod args;
 mod run;

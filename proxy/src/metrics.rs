@@ -57,6 +57,26 @@ pub struct BackendLabels {
     pub backend: &'static str,
 }
 
+/// A connection the proxy closed without relaying it, and why (`limit`, `no_config`,
+/// `not_redirected`, `no_original_dst`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// A relayed connection ended by one of the proxy's bounds (`idle`, `half_close`, `drain`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub direction: &'static str,
+    pub timeout: &'static str,
+}
+
 /// Every metric family the proxy exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -66,6 +86,11 @@ pub struct Metrics {
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub io_backend: Family<BackendLabels, Gauge>,
     pub active_connections: Gauge,
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    pub accept_errors: Family<DirectionLabels, Counter>,
+    pub connection_timeouts: Family<TimeoutLabels, Counter>,
+    pub admin_refused: Counter,
+    pub relay_buffer_bytes: Gauge,
 }
 
 #[derive(Clone, Default)]
@@ -149,8 +174,44 @@ impl Metrics {
             "Connections being relayed now",
             active_connections.clone(),
         );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "isthmus_proxy_connections_refused",
+            "Connections closed at once, by reason: limit (connection cap), no_config (no config \
+             loaded: fail closed), not_redirected, no_original_dst",
+            connections_refused.clone(),
+        );
+        let accept_errors = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "isthmus_proxy_accept_errors",
+            "Failed accepts (e.g. out of file descriptors)",
+            accept_errors.clone(),
+        );
+        let connection_timeouts = Family::<TimeoutLabels, Counter>::default();
+        registry.register(
+            "isthmus_proxy_connection_timeouts",
+            "Relayed connections ended by a bound: idle, half_close, drain",
+            connection_timeouts.clone(),
+        );
+        let admin_refused = Counter::default();
+        registry.register(
+            "isthmus_admin_connections_refused",
+            "Admin, readiness and scrape connections refused over the cap",
+            admin_refused.clone(),
+        );
+        let relay_buffer_bytes = Gauge::default();
+        registry.register(
+            "isthmus_proxy_relay_buffer_bytes",
+            "Bytes held in relay buffers (they grow for bulk transfers and shrink when idle)",
+            relay_buffer_bytes.clone(),
+        );
         Metrics {
             registry,
+            relay_buffer_bytes,
+            connections_refused,
+            accept_errors,
+            connection_timeouts,
+            admin_refused,
             tcp,
             config_reloads,
             config_version,
@@ -158,6 +219,12 @@ impl Metrics {
             io_backend,
             active_connections,
         }
+    }
+
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { direction, reason })
+            .inc();
     }
 
     /// OpenMetrics text for the scrape endpoint.

@@ -1,12 +1,106 @@
 //! Routing decisions: plain functions of (snapshot, original destination), no I/O, so they are
-//! table-tested without sockets.
+//! table-tested without sockets. [`plan`] turns a decision into the candidates the connect
+//! stage dials.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use isthmus_config::{Cluster, OutboundPolicy, Service, Snapshot, TcpRoute};
 
-use crate::balance::pick_weighted;
+use crate::balance::{self, pick_weighted};
+use crate::metrics::TcpLabels;
+use crate::serve::Direction;
+use crate::telemetry::{Identity, ResponseFlag};
+
+/// Where a connection goes, decided once from one snapshot. It holds the service and cluster
+/// (small `Arc`s), not the snapshot, so a long-lived connection does not keep an old config
+/// alive; label sets are built only for the outcome, not for every candidate.
+pub struct Plan {
+    pub target: Target,
+    /// Addresses to try in order, with the endpoint index each is (`None`: the original
+    /// destination). Empty means refuse.
+    pub candidates: Vec<(SocketAddr, Option<usize>)>,
+    /// The response flag when there is no candidate.
+    pub failure: ResponseFlag,
+}
+
+pub enum Target {
+    Inbound,
+    Service {
+        service: Arc<Service>,
+        cluster: Arc<Cluster>,
+    },
+    /// PassthroughCluster or BlackHoleCluster.
+    Unregistered(&'static str),
+}
+
+impl Plan {
+    pub fn labels(&self, id: &Identity, endpoint: Option<usize>, flag: ResponseFlag) -> TcpLabels {
+        match &self.target {
+            Target::Inbound => id.inbound(flag),
+            Target::Service { service, cluster } => {
+                let endpoint = endpoint.and_then(|i| cluster.endpoints.get(i));
+                id.outbound(service, cluster, endpoint, flag)
+            }
+            Target::Unregistered(name) => id.outbound_unregistered(name, flag),
+        }
+    }
+
+    /// Istio-style cluster name, for the access log.
+    pub fn cluster_name(&self, dst: SocketAddr) -> String {
+        match &self.target {
+            Target::Inbound => format!("inbound|{}||", dst.port()),
+            Target::Service { cluster, .. } => cluster.name.to_string(),
+            Target::Unregistered(name) => (*name).to_string(),
+        }
+    }
+}
+
+/// Plans a connection to `dst`: inbound goes to the original destination (the app); outbound
+/// follows the snapshot's route and balancer, with up to `attempts` endpoints to try.
+pub fn plan(snapshot: &Snapshot, direction: Direction, dst: SocketAddr, attempts: usize) -> Plan {
+    let passthrough = |target| Plan {
+        target,
+        candidates: vec![(dst, None)],
+        failure: ResponseFlag::UpstreamConnectFailure,
+    };
+    if direction == Direction::Inbound {
+        return passthrough(Target::Inbound);
+    }
+    match outbound(snapshot, dst) {
+        Decision::Cluster {
+            service, cluster, ..
+        } => {
+            let target = Target::Service {
+                service: service.clone(),
+                cluster: cluster.clone(),
+            };
+            if cluster.passthrough {
+                return passthrough(target);
+            }
+            let candidates: Vec<_> = balance::candidates(cluster, attempts)
+                .into_iter()
+                .map(|i| (cluster.endpoints[i].addr, Some(i)))
+                .collect();
+            let failure = if candidates.is_empty() {
+                ResponseFlag::NoHealthyUpstream
+            } else {
+                ResponseFlag::UpstreamConnectFailure
+            };
+            Plan {
+                target,
+                candidates,
+                failure,
+            }
+        }
+        Decision::Passthrough => passthrough(Target::Unregistered("PassthroughCluster")),
+        Decision::BlackHole => Plan {
+            target: Target::Unregistered("BlackHoleCluster"),
+            candidates: Vec::new(),
+            failure: ResponseFlag::NoRoute,
+        },
+    }
+}
 
 /// Where an outbound connection goes.
 #[derive(Debug)]

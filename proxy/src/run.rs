@@ -1,4 +1,5 @@
-//! Start-up and shutdown: bind, load, start workers, serve admin, drain on SIGTERM.
+//! Start-up, supervision and shutdown: bind, start the config watcher, workers and admin,
+//! exit non-zero if a worker dies, drain on SIGTERM.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -6,15 +7,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::mpsc;
 
-use crate::admin::{self, AdminState, Role, SetLogLevel};
+use crate::admin::{self, AdminLimits, AdminState, Role, SetLogLevel};
 use crate::args::Args;
-use crate::listen::{self, ListenError, OrigDst};
+use crate::connect::ConnectPolicy;
+use crate::drain::{self, Drain, Phase};
+use crate::listen::{self, ListenError, OrigDst, Slots};
 use crate::metrics::{BackendLabels, Metrics};
-use crate::runtime::{self, Backend, Epoll, Runtime, RuntimeError, Uring};
-use crate::serve::{self, Context, Direction};
-use crate::state::{self, ConfigStore};
+use crate::process;
+use crate::relay::Bounds;
+use crate::runtime::{self, Backend, Epoll, Runtime, RuntimeError, Uring, WorkerExit};
+use crate::serve::{Context, Direction};
+use crate::state::ConfigStore;
 use crate::telemetry::Identity;
+use crate::watch::{self, Pacing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -29,8 +36,12 @@ pub enum RunError {
     },
     #[error("cannot start the control runtime: {0}")]
     Control(std::io::Error),
+    #[error("cannot start the config watcher: {0}")]
+    Watcher(std::io::Error),
     #[error("--workers must be at least 1")]
     NoWorkers,
+    #[error("worker {index} died ({why}); exiting so that the container is restarted")]
+    WorkerDied { index: usize, why: String },
 }
 
 /// One listener group: a socket per worker, all on the same address.
@@ -40,11 +51,23 @@ struct Group {
     sockets: Vec<std::net::TcpListener>,
 }
 
-/// Runs the proxy until it is told to stop; returns after draining.
+/// Descriptors kept back from the connection cap: listeners, admin, config reads, logs.
+const FD_RESERVE: u64 = 128;
+
+/// Runs the proxy until it is told to stop; returns after draining, or with an error when a
+/// worker dies (supervision: the process exits non-zero and the kubelet restarts it — a
+/// sidecar missing a worker would keep its listener's share of connections unanswered).
 pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
     if args.workers == 0 {
         return Err(RunError::NoWorkers);
     }
+    process::abort_on_panic();
+    let fd_limit = process::raise_fd_limit();
+    let max_connections = match args.max_connections {
+        0 => (fd_limit.saturating_sub(FD_RESERVE) / 2).max(1) as usize,
+        n => n,
+    };
+    let per_worker = max_connections.div_ceil(args.workers);
     let (backend, fallback) = runtime::select(args.io_backend)?;
     match &fallback {
         Some(why) => tracing::warn!(
@@ -75,8 +98,16 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
             version: args.app_version.as_str().into(),
             cluster: args.cluster.as_str().into(),
         },
-        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        connect_attempts: args.connect_attempts.max(1),
+        connect: ConnectPolicy {
+            attempt_timeout: Duration::from_millis(args.connect_timeout_ms),
+            deadline: Duration::from_millis(args.connect_deadline_ms),
+            attempts: args.connect_attempts.max(1),
+        },
+        bounds: Bounds {
+            idle: Duration::from_secs(args.idle_timeout_secs),
+            half_close: Duration::from_secs(args.half_close_timeout_secs),
+        },
+        before_config: args.outbound_before_config,
         access_log: args.access_log,
         own_ports: vec![
             args.outbound_port,
@@ -87,6 +118,22 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
         ],
         next_id: AtomicU64::new(0),
     });
+
+    // The first config loads on the watcher's thread; until it has, the proxy is not ready
+    // and refuses traffic whose policy it cannot know.
+    watch::spawn(
+        store.clone(),
+        args.config_dir.clone(),
+        Pacing {
+            debounce: Duration::from_millis(args.config_debounce_ms),
+            max_delay: Duration::from_millis(
+                args.config_debounce_max_ms.max(args.config_debounce_ms),
+            ),
+            resync: Duration::from_secs(args.config_resync_secs.max(1)),
+            missing_poll: Duration::from_secs(1),
+        },
+    )
+    .map_err(RunError::Watcher)?;
 
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -99,15 +146,22 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
+            workers_failed: AtomicBool::new(false),
             set_log_level,
             info: json!({
                 "backend": backend.as_str(),
                 "ioUringFallback": fallback.as_ref().map(|e| e.to_string()),
                 "workers": args.workers,
+                "maxConnections": per_worker * args.workers,
+                "fdLimit": fd_limit,
                 "configDir": args.config_dir.display().to_string(),
                 "pid": std::process::id(),
                 "build": env!("CARGO_PKG_VERSION"),
             }),
+            limits: AdminLimits {
+                request_timeout: Duration::from_millis(args.admin_request_timeout_ms),
+                max_connections: args.admin_max_connections.max(1),
+            },
         });
         let endpoints = [
             (
@@ -130,22 +184,43 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
             tokio::spawn(admin::serve(listener, role, admin_state.clone()));
         }
 
-        // The first config loads before workers start; the watcher takes over from there.
-        store.reload_from(&args.config_dir).await;
-        tokio::spawn(state::watch_dir(
-            store.clone(),
-            args.config_dir.clone(),
-            Duration::from_millis(args.config_debounce_ms),
-            Duration::from_secs(args.config_resync_secs.max(1)),
-        ));
-
-        start_workers(backend, args.workers, groups, ctx)?;
-        state::lower_priority();
+        let drain = Drain::new();
+        let (died_tx, mut died) = mpsc::unbounded_channel();
+        start_workers(
+            backend,
+            args.workers,
+            groups,
+            ctx,
+            per_worker,
+            drain.watch(),
+            died_tx,
+        )?;
         admin_state.listening.store(true, Ordering::Release);
-        tracing::info!(workers = args.workers, "proxy ready");
+        tracing::info!(
+            workers = args.workers,
+            max_connections = per_worker * args.workers,
+            "proxy listening"
+        );
 
-        wait_for_shutdown(&admin_state).await;
-        drain(&metrics, Duration::from_secs(args.drain_timeout_secs)).await;
+        tokio::select! {
+            () = wait_for_shutdown(&admin_state) => {}
+            Some((index, why)) = died.recv() => {
+                admin_state.workers_failed.store(true, Ordering::Release);
+                let why = match why {
+                    WorkerExit::Runtime(e) => format!("its runtime failed: {e}"),
+                    WorkerExit::Returned => "it stopped serving".to_string(),
+                };
+                tracing::error!(worker = index, "worker died ({why}); exiting");
+                return Err(RunError::WorkerDied { index, why });
+            }
+        }
+        drain.advance(Phase::Draining);
+        let deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+        wait_idle(&metrics, deadline).await;
+        // Whatever is left is closed now, and the outbound listeners with it.
+        drain.advance(Phase::Closing);
+        wait_idle(&metrics, Instant::now() + Duration::from_secs(1)).await;
+        tracing::info!(open = metrics.active_connections.get(), "exiting");
         Ok(())
     })
 }
@@ -188,48 +263,65 @@ fn bind_groups(args: &Args) -> Result<Vec<Group>, RunError> {
     Ok(groups)
 }
 
+type WorkerListeners = Vec<(Direction, OrigDst, std::net::TcpListener)>;
+
 fn start_workers(
     backend: Backend,
     workers: usize,
     groups: Vec<Group>,
     ctx: Arc<Context>,
+    per_worker: usize,
+    drain: drain::Watch,
+    died: mpsc::UnboundedSender<(usize, WorkerExit)>,
 ) -> Result<(), RunError> {
     // Worker i takes socket i of every group.
-    let mut per_worker: Vec<Vec<(Direction, OrigDst, std::net::TcpListener)>> =
-        (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker_listeners: Vec<WorkerListeners> = (0..workers).map(|_| Vec::new()).collect();
     for group in groups {
         for (i, socket) in group.sockets.into_iter().enumerate() {
-            per_worker[i].push((group.direction, group.orig, socket));
+            per_worker_listeners[i].push((group.direction, group.orig, socket));
         }
     }
-    let per_worker = Arc::new(std::sync::Mutex::new(per_worker));
+    let listeners = Arc::new(std::sync::Mutex::new(per_worker_listeners));
     let make = move |index: usize| {
-        let mine = std::mem::take(&mut per_worker.lock().unwrap_or_else(|p| p.into_inner())[index]);
+        let mine = std::mem::take(&mut listeners.lock().unwrap_or_else(|p| p.into_inner())[index]);
         let ctx = ctx.clone();
+        let drain = drain.clone();
         async move {
             match backend {
-                Backend::IoUring => worker::<Uring>(mine, ctx).await,
-                Backend::Epoll => worker::<Epoll>(mine, ctx).await,
+                Backend::IoUring => worker::<Uring>(index, mine, ctx, per_worker, drain).await,
+                Backend::Epoll => worker::<Epoll>(index, mine, ctx, per_worker, drain).await,
             }
         }
     };
-    // Worker threads run until the process exits.
-    runtime::start_workers(backend, workers, make)?;
+    let on_exit = move |index, why| {
+        let _ = died.send((index, why));
+    };
+    // Worker threads run until the process exits; the supervisor hears when one ends.
+    runtime::start_workers(backend, workers, make, on_exit)?;
     Ok(())
 }
 
 async fn worker<R: Runtime>(
-    listeners: Vec<(Direction, OrigDst, std::net::TcpListener)>,
+    index: usize,
+    listeners: WorkerListeners,
     ctx: Arc<Context>,
+    per_worker: usize,
+    drain: drain::Watch,
 ) {
+    if inject_fault(index) {
+        return;
+    }
+    let slots = Slots::new(per_worker);
     let mut tasks = Vec::new();
     for (direction, orig, socket) in listeners {
         match R::listener(socket) {
-            Ok(listener) => tasks.push(tokio::task::spawn_local(serve::accept_loop::<R>(
+            Ok(listener) => tasks.push(tokio::task::spawn_local(listen::accept_loop::<R>(
                 listener,
                 direction,
                 orig,
                 ctx.clone(),
+                slots.clone(),
+                drain.clone(),
             ))),
             Err(e) => tracing::error!(?direction, "cannot register listener: {e}"),
         }
@@ -237,6 +329,34 @@ async fn worker<R: Runtime>(
     for task in tasks {
         let _ = task.await;
     }
+    // Listeners are closed (shutdown): give the connections the drain is ending time to
+    // finish closing before the runtime, and with it their tasks, goes away.
+    if drain.phase() < Phase::Draining {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while slots.open() > 0 && Instant::now() < deadline {
+        R::sleep_until(Instant::now() + Duration::from_millis(10)).await;
+    }
+}
+
+/// Debug builds only: `ISTHMUS_INJECT_FAULT=worker-exit|worker-panic` makes worker 0 fail at
+/// start, so the supervision tests can watch the process react. Absent from release builds.
+/// Returns true when the worker must return at once.
+fn inject_fault(index: usize) -> bool {
+    #[cfg(debug_assertions)]
+    if index == 0 {
+        match std::env::var("ISTHMUS_INJECT_FAULT").as_deref() {
+            Ok("worker-panic") => panic!("injected fault: worker 0 panics"),
+            Ok("worker-exit") => {
+                tracing::warn!("injected fault: worker 0 returns");
+                return true;
+            }
+            _ => {}
+        }
+    }
+    let _ = index;
+    false
 }
 
 async fn wait_for_shutdown(state: &AdminState) {
@@ -256,11 +376,9 @@ async fn wait_for_shutdown(state: &AdminState) {
     state.draining.store(true, Ordering::Release);
 }
 
-/// Readiness already fails; wait for open connections to finish, up to `timeout`.
-async fn drain(metrics: &Metrics, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+/// Waits until no connection is being relayed, or `deadline`.
+async fn wait_idle(metrics: &Metrics, deadline: Instant) {
     while metrics.active_connections.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tracing::info!(open = metrics.active_connections.get(), "exiting");
 }

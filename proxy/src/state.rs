@@ -1,21 +1,24 @@
-//! The config store: the current [`Snapshot`] behind an `ArcSwap`, swapped whole, and the
-//! watcher that reloads it from the mounted ConfigMap directory.
+//! The config store: the current [`Snapshot`] behind an `ArcSwap`, swapped whole. The
+//! watcher that feeds it from the mounted ConfigMap directory is [`crate::watch`].
 //!
 //! A connection loads the snapshot once and sees one consistent version for its life; a
 //! reload never touches accepted sockets. A bad config is logged with file, field and reason,
-//! counted, shown on the admin port, and the last good snapshot keeps serving.
+//! counted, shown on the admin port, and the last good snapshot keeps serving. Until a first
+//! config has loaded, [`ConfigStore::has_loaded`] is false: the pod is not ready and the
+//! policy stage refuses traffic (fail closed).
 
-use std::path::{Path, PathBuf};
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use isthmus_config::{source::version_of, ConfigError, Snapshot, SourceFile};
-use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::metrics::{Metrics, ResultLabels, VersionLabels};
+use crate::process;
 
 /// The last reload outcome, for `/config_dump`.
 #[derive(Debug, Clone, Default)]
@@ -23,7 +26,9 @@ pub struct ReloadStatus {
     pub loaded_at: Option<SystemTime>,
     pub successes: u64,
     pub failures: u64,
-    /// The rejected version and why, until a good config loads.
+    /// How many times the directory was read (the watcher's cost, visible).
+    pub reads: u64,
+    /// The rejected version (or what could not be read) and why, until a good config loads.
     pub last_error: Option<(String, Vec<String>)>,
 }
 
@@ -32,6 +37,8 @@ pub struct ConfigStore {
     status: Mutex<ReloadStatus>,
     version: watch::Sender<String>,
     metrics: Arc<Metrics>,
+    /// Where this sidecar's balancers start when a cluster is new (random per process).
+    balancer_seed: u64,
 }
 
 /// What a reload did.
@@ -44,6 +51,13 @@ pub enum Reload {
 
 impl ConfigStore {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self::with_seed(metrics, seed)
+    }
+
+    pub fn with_seed(metrics: Arc<Metrics>, balancer_seed: u64) -> Arc<Self> {
         let empty = Snapshot::empty();
         let (version, _) = watch::channel(empty.version().to_string());
         Arc::new(ConfigStore {
@@ -51,6 +65,7 @@ impl ConfigStore {
             status: Mutex::new(ReloadStatus::default()),
             version,
             metrics,
+            balancer_seed,
         })
     }
 
@@ -64,26 +79,30 @@ impl ConfigStore {
         self.version.subscribe()
     }
 
+    /// Whether a config has ever loaded. Until then the sidecar is not ready and refuses
+    /// traffic whose policy it cannot know.
     pub fn has_loaded(&self) -> bool {
-        self.status().loaded_at.is_some()
+        self.lock().loaded_at.is_some()
     }
 
     pub fn status(&self) -> ReloadStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads `dir` and swaps in its snapshot if it changed and is valid.
-    pub async fn reload_from(&self, dir: &Path) -> Reload {
+    pub fn reload_from(&self, dir: &Path) -> Reload {
+        self.lock().reads += 1;
         let files = match SourceFile::read_dir(dir) {
             Ok(files) => files,
             Err(e) => return self.reject(String::from("unreadable"), &e),
         };
         let version = version_of(&files);
         {
-            let status = self.status();
+            let status = self.lock();
             let same_as_loaded = status.loaded_at.is_some() && self.load().version() == version;
             let same_as_rejected = status
                 .last_error
@@ -95,33 +114,12 @@ impl ConfigStore {
         }
         match isthmus_config::load(&files) {
             Ok(snapshot) => {
+                snapshot.continue_balancing(&self.load(), self.balancer_seed);
                 let services = snapshot.services().len();
                 self.current.store(Arc::new(snapshot));
-                self.metrics
-                    .config_reloads
-                    .get_or_create(&ResultLabels { result: "success" })
-                    .inc();
-                self.metrics.config_version.clear();
-                self.metrics
-                    .config_version
-                    .get_or_create(&VersionLabels {
-                        version: version.clone(),
-                    })
-                    .set(1);
-                let now = SystemTime::now();
-                self.metrics.config_last_success.set(
-                    now.duration_since(UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs_f64(),
-                );
-                {
-                    let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                    status.loaded_at = Some(now);
-                    status.successes += 1;
-                    status.last_error = None;
-                }
+                self.record_success(&version);
                 self.version.send_replace(version.clone());
-                release_free_memory();
+                process::release_free_memory();
                 tracing::info!(%version, services, files = files.len(), "config loaded");
                 Reload::Loaded(version)
             }
@@ -129,18 +127,54 @@ impl ConfigStore {
         }
     }
 
+    fn record_success(&self, version: &str) {
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        self.metrics.config_version.clear();
+        self.metrics
+            .config_version
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
+        let now = SystemTime::now();
+        self.metrics.config_last_success.set(
+            now.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        let mut status = self.lock();
+        status.loaded_at = Some(now);
+        status.successes += 1;
+        status.last_error = None;
+    }
+
+    /// Records a rejection once: the same bad config (or the same read error) seen again on a
+    /// resync is not logged or counted again.
     fn reject(&self, version: String, error: &ConfigError) -> Reload {
         let issues = error.issues();
+        {
+            let mut status = self.lock();
+            if status.last_error.as_ref() == Some(&(version.clone(), issues.clone())) {
+                return Reload::Unchanged;
+            }
+            status.failures += 1;
+            status.last_error = Some((version.clone(), issues.clone()));
+        }
+        let loaded = self.has_loaded();
         for issue in &issues {
-            tracing::error!(%version, serving = %self.load().version(), "config rejected: {issue}");
+            if loaded {
+                tracing::error!(%version, serving = %self.load().version(), "config rejected, the last good config keeps serving: {issue}");
+            } else {
+                tracing::error!(%version, "no config loaded; refusing traffic and not ready: {issue}");
+            }
         }
         self.metrics
             .config_reloads
             .get_or_create(&ResultLabels { result: "failure" })
             .inc();
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        status.failures += 1;
-        status.last_error = Some((version.clone(), issues));
         Reload::Rejected(version)
     }
 
@@ -152,92 +186,20 @@ impl ConfigStore {
             "version": snapshot.version(),
             "loaded": status.loaded_at.is_some(),
             "loadedAt": status.loaded_at.map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()),
-            "reloads": { "success": status.successes, "failure": status.failures },
+            "reloads": { "success": status.successes, "failure": status.failures, "directoryReads": status.reads },
             "lastError": status.last_error.map(|(version, issues)| json!({"version": version, "issues": issues})),
             "config": snapshot.dump(),
         })
     }
 }
 
-/// The control thread (admin, config watcher and parser) yields the CPU to the data path's
-/// workers: parsing a large config takes hundreds of milliseconds and must not delay relaying.
-/// Called after the workers are spawned, so they keep the default priority.
-pub fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on this thread's own id.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-    }
-}
-
-/// Parsing a large config allocates far more than the snapshot keeps; glibc holds on to the
-/// freed pages. Hand them back so RSS reflects the snapshot, not the parse.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Watches `dir` and reloads on change. Kubelet updates a ConfigMap volume by writing a new
-/// timestamped directory and renaming the `..data` symlink over the old one; plain edits just
-/// write files. Both produce a burst of events, so reloads wait until the burst is `debounce`
-/// quiet. `resync` re-reads periodically as a safety net for missed events (an unchanged
-/// directory costs one read and a hash).
-pub async fn watch_dir(
-    store: Arc<ConfigStore>,
-    dir: PathBuf,
-    debounce: Duration,
-    resync: Duration,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.send(());
-            }
-        }) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot watch {}: {e}; re-reading every {resync:?}",
-                    dir.display()
-                );
-                None
-            }
-        };
-    let mut watching = false;
-    loop {
-        if !watching {
-            if let Some(w) = watcher.as_mut() {
-                match w.watch(&dir, RecursiveMode::Recursive) {
-                    Ok(()) => watching = true,
-                    Err(e) => tracing::debug!("not watching {} yet: {e}", dir.display()),
-                }
-            }
-            // A directory that appeared since the last pass may already hold a config.
-            store.reload_from(&dir).await;
-        }
-        match tokio::time::timeout(resync, rx.recv()).await {
-            Ok(Some(())) => {
-                // Let the burst settle.
-                while let Ok(Some(())) = tokio::time::timeout(debounce, rx.recv()).await {}
-                store.reload_from(&dir).await;
-            }
-            Ok(None) => return,
-            Err(_) => {
-                store.reload_from(&dir).await;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
-    const GOOD: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\n\
+    pub(crate) const GOOD: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\n\
                         spec: {hosts: [a], addresses: [10.96.0.1], ports: [{number: 80, name: tcp}]}\n";
 
     fn tempdir(name: &str) -> PathBuf {
@@ -247,21 +209,21 @@ mod tests {
         dir
     }
 
-    #[tokio::test]
-    async fn bad_config_keeps_the_last_good_one() {
+    #[test]
+    fn bad_config_keeps_the_last_good_one() {
         let dir = tempdir("keep");
         let store = ConfigStore::new(Arc::new(Metrics::new()));
         std::fs::write(dir.join("mesh.yaml"), GOOD).unwrap();
-        let Reload::Loaded(good) = store.reload_from(&dir).await else {
+        let Reload::Loaded(good) = store.reload_from(&dir) else {
             panic!("not loaded")
         };
-        assert_eq!(store.reload_from(&dir).await, Reload::Unchanged);
+        assert_eq!(store.reload_from(&dir), Reload::Unchanged);
         std::fs::write(
             dir.join("mesh.yaml"),
             GOOD.replace("number: 80", "number: 0"),
         )
         .unwrap();
-        assert!(matches!(store.reload_from(&dir).await, Reload::Rejected(_)));
+        assert!(matches!(store.reload_from(&dir), Reload::Rejected(_)));
         assert_eq!(store.load().version(), good);
         assert_eq!(store.load().services().len(), 1);
         let status = store.status();
@@ -272,7 +234,7 @@ mod tests {
             "{issues:?}"
         );
         // The same bad file again is not counted twice.
-        assert_eq!(store.reload_from(&dir).await, Reload::Unchanged);
+        assert_eq!(store.reload_from(&dir), Reload::Unchanged);
         let text = store.metrics.encode();
         assert!(
             text.contains("isthmus_config_reloads_total{result=\"failure\"} 1"),
@@ -285,12 +247,33 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn missing_directory_is_an_empty_config() {
+    /// Found in review: a missing directory read as an empty config, so the sidecar became
+    /// ready and passed every connection through without knowing the policy.
+    #[test]
+    fn missing_directory_is_not_a_config() {
         let store = ConfigStore::new(Arc::new(Metrics::new()));
         let dir = std::env::temp_dir().join("isthmus-state-does-not-exist");
-        assert!(matches!(store.reload_from(&dir).await, Reload::Loaded(_)));
+        assert!(matches!(store.reload_from(&dir), Reload::Rejected(_)));
+        assert!(!store.has_loaded());
+        let dump = store.dump();
+        assert_eq!(dump["loaded"], false);
+        let why = dump["lastError"]["issues"][0].as_str().unwrap();
+        assert!(why.contains("does not exist"), "{why}");
+        // Polling a still-missing directory is not a new failure each time.
+        assert_eq!(store.reload_from(&dir), Reload::Unchanged);
+        assert_eq!(store.status().failures, 1);
+    }
+
+    #[test]
+    fn invalid_first_config_is_not_loaded() {
+        let dir = tempdir("first-bad");
+        std::fs::write(dir.join("mesh.yaml"), "kind: [").unwrap();
+        let store = ConfigStore::new(Arc::new(Metrics::new()));
+        assert!(matches!(store.reload_from(&dir), Reload::Rejected(_)));
+        assert!(!store.has_loaded());
+        std::fs::write(dir.join("mesh.yaml"), GOOD).unwrap();
+        assert!(matches!(store.reload_from(&dir), Reload::Loaded(_)));
         assert!(store.has_loaded());
-        assert!(store.load().services().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,10 +5,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 /// E2E tests need root (namespaces, iptables). Anywhere else they fail loudly, unless the
-/// caller opts out with `ISTHMUS_SKIP_E2E=1` (then they pass vacuously and say so).
+/// caller opts out with `ISTHMUS_SKIP_E2E=1`; then they are recorded as skipped (see
+/// [`skip`]), not passed.
 pub fn prerequisites() -> bool {
     if std::env::var_os("ISTHMUS_SKIP_E2E").is_some() {
-        eprintln!("ISTHMUS_SKIP_E2E set: skipping");
+        skip("ISTHMUS_SKIP_E2E is set");
         return false;
     }
     assert!(
@@ -25,6 +26,24 @@ pub fn prerequisites() -> bool {
         );
     }
     true
+}
+
+/// Records the running test as skipped. libtest has no run-time skip (a test that returns
+/// counts as passed), so `scripts/test.sh` sets `ISTHMUS_SKIP_LOG` and moves every test listed
+/// there from "passed" to "skipped" in its closing line.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed test");
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("ISTHMUS_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
 }
 
 /// A deterministic, non-repeating-looking payload: byte `i` of the stream.

@@ -280,3 +280,81 @@ fn mangled_input_never_panics() {
         let _ = load(&[SourceFile::new("m.yaml", text)]);
     }
 }
+
+/// Found in review: `4294967295 + 101` wrapped to 100 in a u32 sum and passed validation on
+/// release builds (a debug build panicked instead — at startup that killed the sidecar).
+#[test]
+fn weights_that_overflow_u32_are_rejected_not_wrapped() {
+    let issues = snapshot(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: huge, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 4294967295}
+    - {destination: {host: reviews, subset: v2}, weight: 101}
+"#,
+    )
+    .unwrap_err();
+    let all = issues.join("\n");
+    assert!(
+        all.contains("spec.tcp[0].route: weights add up to 4294967396, must add up to 100"),
+        "{all}"
+    );
+}
+
+/// Found in review: every reload restarted round robin at 0, so after each reload an 80/20
+/// split began on its first destination, and every sidecar's first connection went to the
+/// same endpoint.
+#[test]
+fn balancers_continue_across_reloads_and_start_apart_per_sidecar() {
+    fn port_of(snap: &Snapshot) -> &crate::ServicePort {
+        snap.service_port(addr("10.96.0.10:9080")).unwrap().1
+    }
+    let old = snapshot("").unwrap();
+    old.continue_balancing(&Snapshot::empty(), 1);
+    let route = port_of(&old).routes.last().unwrap();
+    let cluster = &route.destinations[0].cluster;
+    for _ in 0..5 {
+        cluster.next_ticket();
+        route.next_ticket();
+    }
+    let (cluster_next, route_next) = (cluster.next_ticket() + 1, route.next_ticket() + 1);
+
+    // Same endpoints after the reload: the positions carry over.
+    let same = snapshot("").unwrap();
+    same.continue_balancing(&old, 2);
+    let route2 = port_of(&same).routes.last().unwrap();
+    assert_eq!(route2.destinations[0].cluster.next_ticket(), cluster_next);
+    assert_eq!(route2.next_ticket(), route_next);
+
+    // Another sidecar (another seed) starts elsewhere than this one did.
+    let fresh = |seed| {
+        let snap = snapshot("").unwrap();
+        snap.continue_balancing(&Snapshot::empty(), seed);
+        let route = port_of(&snap).routes.last().unwrap();
+        route.destinations[0].cluster.next_ticket()
+    };
+    let starts: std::collections::HashSet<usize> = (0..8).map(fresh).collect();
+    assert!(starts.len() > 1, "every seed started at the same ticket");
+
+    // A changed endpoint set starts at the seed's offset, not where the old one was.
+    let changed = load(&[SourceFile::new(
+        "registry.yaml",
+        REGISTRY.replace("10.66.0.4", "10.66.0.5"),
+    )])
+    .unwrap();
+    changed.continue_balancing(&old, 1);
+    let c = &port_of(&changed).routes.last().unwrap().destinations[0].cluster;
+    assert_eq!(c.next_ticket(), fresh(1));
+}

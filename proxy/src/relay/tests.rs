@@ -1,0 +1,292 @@
+//! The relay on both backends over loopback: the test holds the far ends of a downstream and
+//! an upstream socket (plain std sockets) and the worker relays between its own ends.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::*;
+use crate::drain::Drain;
+use crate::runtime::{self, Epoll, Uring};
+use crate::test_support::skip_unless_io_uring;
+
+/// How a relay run ended, reduced to what the tests compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Finished,
+    Failed(Side),
+    IdleTimeout,
+    HalfCloseTimeout,
+    Drained,
+}
+
+impl From<&End> for Ended {
+    fn from(end: &End) -> Self {
+        match end {
+            End::Finished => Ended::Finished,
+            End::Failed { side, .. } => Ended::Failed(*side),
+            End::IdleTimeout => Ended::IdleTimeout,
+            End::HalfCloseTimeout => Ended::HalfCloseTimeout,
+            End::Drained => Ended::Drained,
+        }
+    }
+}
+
+struct Run {
+    /// The app's side of the downstream connection.
+    client: TcpStream,
+    /// The server's side of the upstream connection.
+    server: TcpStream,
+    ended: mpsc::Receiver<(Ended, Transferred, Duration)>,
+    drain: Drain,
+    buffers: Gauge,
+}
+
+fn accept_one(listener: &TcpListener) -> TcpStream {
+    listener.accept().unwrap().0
+}
+
+/// Starts a worker of backend `R` relaying between a fresh downstream and upstream pair.
+fn start<R: Runtime>(bounds: Bounds, prefix: &[u8]) -> Run {
+    let down = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (down_addr, up_addr): (SocketAddr, SocketAddr) =
+        (down.local_addr().unwrap(), up.local_addr().unwrap());
+    let (tx, ended) = mpsc::channel();
+    let drain = Drain::new();
+    let watch = drain.watch();
+    let buffers = Gauge::default();
+    let gauge = buffers.clone();
+    let prefix = prefix.to_vec();
+    let tx = Arc::new(std::sync::Mutex::new(tx));
+    runtime::start_workers(
+        R::BACKEND,
+        1,
+        move |_| {
+            let (tx, mut watch, gauge, prefix) =
+                (tx.clone(), watch.clone(), gauge.clone(), prefix.clone());
+            async move {
+                let downstream = R::connect(down_addr).await.unwrap();
+                let upstream = R::connect(up_addr).await.unwrap();
+                let (c1, c2) = (Counter::default(), Counter::default());
+                let started = Instant::now();
+                let ends = Ends {
+                    downstream: &downstream,
+                    upstream: &upstream,
+                    prefix,
+                    to_upstream: &c1,
+                    to_downstream: &c2,
+                    buffers: &gauge,
+                };
+                let (moved, end) = relay::<R>(ends, bounds, &mut watch).await;
+                let _ = tx
+                    .lock()
+                    .unwrap()
+                    .send(((&end).into(), moved, started.elapsed()));
+            }
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let client = accept_one(&down);
+    let server = accept_one(&up);
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    Run {
+        client,
+        server,
+        ended,
+        drain,
+        buffers,
+    }
+}
+
+fn bounds(idle_ms: u64, half_close_ms: u64) -> Bounds {
+    Bounds {
+        idle: Duration::from_millis(idle_ms),
+        half_close: Duration::from_millis(half_close_ms),
+    }
+}
+
+impl Run {
+    fn ended(&self) -> (Ended, Transferred, Duration) {
+        self.ended
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the relay did not end")
+    }
+}
+
+/// Reads until EOF or error; panics if the read timed out (a socket left open).
+fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, None),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "the socket stayed open (read timed out) instead of closing"
+                );
+                return (got, Some(e.kind()));
+            }
+        }
+    }
+}
+
+/// An upstream reset while the client is silent reaches the client at once, as a reset; the
+/// relay ends with the upstream's failure. On io_uring the client's pending read used to keep
+/// its socket open until the client sent something.
+fn upstream_reset_reaches_the_client<R: Runtime>() {
+    let mut run = start::<R>(bounds(60_000, 60_000), b"");
+    run.client.write_all(b"ping").unwrap();
+    let mut four = [0u8; 4];
+    run.server.read_exact(&mut four).unwrap();
+    socket2::SockRef::from(&run.server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let Run {
+        mut client,
+        server,
+        ended,
+        ..
+    } = run;
+    drop(server);
+    let (ended, moved, _) = ended.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(ended, Ended::Failed(Side::Upstream));
+    assert_eq!(moved.upstream, 4);
+    let (_, error) = read_until_closed(&mut client);
+    assert_eq!(error, Some(std::io::ErrorKind::ConnectionReset));
+}
+
+/// The idle bound closes a silent connection (both sockets), and the half-close bound a
+/// connection whose other side went quiet after one side's FIN.
+fn bounds_end_quiet_connections<R: Runtime>() {
+    let mut run = start::<R>(bounds(200, 60_000), b"");
+    let (ended, _, after) = run.ended();
+    assert_eq!(ended, Ended::IdleTimeout);
+    assert!(
+        after >= Duration::from_millis(200) && after < Duration::from_secs(5),
+        "{after:?}"
+    );
+    assert_eq!(read_until_closed(&mut run.client).1, None);
+    assert_eq!(read_until_closed(&mut run.server).1, None);
+
+    let mut run = start::<R>(bounds(60_000, 200), b"");
+    run.client.shutdown(std::net::Shutdown::Write).unwrap();
+    let (ended, _, _) = run.ended();
+    assert_eq!(ended, Ended::HalfCloseTimeout);
+    assert_eq!(read_until_closed(&mut run.server), (Vec::new(), None));
+}
+
+/// Traffic keeps a connection alive past its idle bound; a half-closed connection that keeps
+/// answering is not cut; prefix bytes go upstream first; FIN passes each way.
+fn activity_and_half_close_are_respected<R: Runtime>() {
+    let mut run = start::<R>(bounds(300, 300), b"PREFIX:");
+    for i in 0..6u8 {
+        run.client.write_all(&[i]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut got = [0u8; 13];
+    run.server.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"PREFIX:\x00\x01\x02\x03\x04\x05");
+    run.client.shutdown(std::net::Shutdown::Write).unwrap();
+    // The server answers slowly but steadily after the client's FIN.
+    for _ in 0..5 {
+        run.server.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run.server.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(
+        read_until_closed(&mut run.client),
+        (b"xxxxx".to_vec(), None)
+    );
+    assert_eq!(read_until_closed(&mut run.server), (Vec::new(), None));
+    let (ended, moved, _) = run.ended();
+    assert_eq!(ended, Ended::Finished);
+    assert_eq!((moved.upstream, moved.downstream), (13, 5));
+}
+
+/// Buffers grow for a bulk transfer and go back to their initial size when it pauses; the
+/// drain's closing phase ends the connection.
+fn buffers_shrink_when_idle_and_drain_closes<R: Runtime>() {
+    let mut run = start::<R>(bounds(60_000, 60_000), b"");
+    let initial = (2 * INITIAL_BUFFER) as i64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run.buffers.get() != initial {
+        assert!(Instant::now() < deadline, "buffers: {}", run.buffers.get());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let payload = vec![7u8; 16 << 20];
+    let mut server = run.server.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        while got < 16 << 20 {
+            got += server.read(&mut buf).unwrap();
+        }
+        got
+    });
+    run.client.write_all(&payload).unwrap();
+    assert_eq!(reader.join().unwrap(), 16 << 20);
+    assert!(
+        run.buffers.get() > initial,
+        "no buffer grew: {}",
+        run.buffers.get()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run.buffers.get() != initial {
+        assert!(
+            Instant::now() < deadline,
+            "buffers stayed at {}",
+            run.buffers.get()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still relays after shrinking.
+    run.client.write_all(b"after").unwrap();
+    let mut five = [0u8; 5];
+    run.server.read_exact(&mut five).unwrap();
+    assert_eq!(&five, b"after");
+    run.drain.advance(crate::drain::Phase::Closing);
+    assert_eq!(run.ended().0, Ended::Drained);
+    assert_eq!(read_until_closed(&mut run.client).1, None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run.buffers.get() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "buffers not released: {}",
+            run.buffers.get()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($case:ident),*) => {
+        mod epoll {
+            $(#[test] fn $case() { super::$case::<super::Epoll>(); })*
+        }
+        mod io_uring {
+            $(#[test] fn $case() {
+                if super::skip_unless_io_uring() {
+                    return;
+                }
+                super::$case::<super::Uring>();
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    upstream_reset_reaches_the_client,
+    bounds_end_quiet_connections,
+    activity_and_half_close_are_respected,
+    buffers_shrink_when_idle_and_drain_closes
+);
