@@ -17,6 +17,9 @@ pub enum ConfigError {
     },
     #[error("{}", Issues(.0))]
     Invalid(Vec<Issue>),
+    /// The compiler failed on its own account (reported by the caller that contained it).
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// One problem in one document.

@@ -50,9 +50,17 @@ pub fn raise_fd_limit() -> u64 {
 /// thread — is a bug that may have left shared state inconsistent, so it is logged with its
 /// thread and location and the process aborts (non-zero exit; the kubelet restarts the
 /// container). Never a sidecar that looks alive with a dead worker.
+///
+/// The one exception is [`contain`]: compiling a config is a pure function of the files, so a
+/// panic there corrupts nothing and is treated as a rejected config. Otherwise one bad
+/// ConfigMap edit that hits a bug would crash-loop every sidecar of the mesh at once.
 pub fn abort_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if CONTAINED.with(std::cell::Cell::get) {
+            tracing::error!("bug: panic while compiling a config, treated as a rejection: {info}");
+            return;
+        }
         let thread = std::thread::current();
         tracing::error!(
             thread = thread.name().unwrap_or("unnamed"),
@@ -61,4 +69,39 @@ pub fn abort_on_panic() {
         default(info);
         std::process::abort();
     }));
+}
+
+thread_local! {
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a pure computation, turning a panic into `Err(message)` instead of aborting. Only for
+/// code that touches no shared state (config compilation).
+pub fn contain<T>(pure: impl FnOnce() -> T) -> Result<T, String> {
+    CONTAINED.with(|c| c.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(pure));
+    CONTAINED.with(|c| c.set(false));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contain_turns_a_panic_into_an_error() {
+        assert_eq!(contain(|| 7), Ok(7));
+        assert_eq!(
+            contain(|| -> u8 { panic!("boom {}", 1) }),
+            Err("boom 1".to_string())
+        );
+        assert_eq!(contain(|| -> u8 { panic!("static") }), Err("static".into()));
+        assert!(!CONTAINED.with(std::cell::Cell::get));
+    }
 }

@@ -112,7 +112,16 @@ impl ConfigStore {
                 return Reload::Unchanged;
             }
         }
-        match isthmus_config::load(&files) {
+        let loaded = process::contain(|| {
+            inject_compile_panic();
+            isthmus_config::load(&files)
+        })
+        .unwrap_or_else(|panic| {
+            Err(ConfigError::Internal(format!(
+                "isthmus could not compile this config (a bug: please report it): {panic}"
+            )))
+        });
+        match loaded {
             Ok(snapshot) => {
                 snapshot.continue_balancing(&self.load(), self.balancer_seed);
                 let services = snapshot.services().len();
@@ -190,6 +199,15 @@ impl ConfigStore {
             "lastError": status.last_error.map(|(version, issues)| json!({"version": version, "issues": issues})),
             "config": snapshot.dump(),
         })
+    }
+}
+
+/// Debug builds only: `ISTHMUS_INJECT_FAULT=config-panic` makes compiling panic, so a test
+/// can check that such a bug rejects the config instead of killing the sidecar.
+fn inject_compile_panic() {
+    #[cfg(debug_assertions)]
+    if std::env::var("ISTHMUS_INJECT_FAULT").as_deref() == Ok("config-panic") {
+        panic!("injected fault: config compile panics");
     }
 }
 

@@ -152,3 +152,26 @@ fn a_dead_worker_exits_the_process_non_zero() {
         assert!(log.contains(says), "{fault}:\n{log}");
     }
 }
+
+/// A bug that panics while compiling a config rejects that config; the sidecar lives on (a
+/// panic anywhere else aborts). Injected by debug builds only.
+#[test]
+fn a_panic_while_compiling_a_config_rejects_it_and_the_proxy_lives() {
+    let server = greeter("survivor");
+    let mut proxy = start(Options {
+        endpoint: Some(server),
+        env: vec![("ISTHMUS_INJECT_FAULT", "config-panic")],
+        wait_ready: false,
+        ..Options::default()
+    });
+    proxy.wait_until("the rejection", |p| {
+        p.get("/config_dump")
+            .contains("injected fault: config compile panics")
+    });
+    assert!(proxy.get("/ready").starts_with("HTTP/1.1 503"));
+    assert!(
+        proxy.wait_exit(Duration::from_millis(300)).is_none(),
+        "{}",
+        proxy.log()
+    );
+}
