@@ -108,6 +108,21 @@ pub fn echo_exact(stream: TcpStream, total: usize) -> u64 {
     got as u64
 }
 
+/// Asserts that the proxy closes `stream` (end of stream or reset) within 5 s without sending
+/// a byte. A read that times out fails: a connection left hanging is not "closed".
+pub fn assert_closed_without_data(mut stream: TcpStream) {
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 256];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected a close, got {n} bytes: {:?}", &buf[..n]),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected a close, got: {e} ({:?})", e.kind()),
+    }
+}
+
 /// Sums the values of the series of `metric` whose labels include every `key="value"` given.
 pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

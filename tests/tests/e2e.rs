@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use isthmus_config::SourceFile;
 use isthmus_ctl::local::{Mesh, MeshSpec, PodSpec, ECHO_PORT, HTTP_SERVICE_PORT};
-use isthmus_tests::{echo_exact, metric_sum, prerequisites};
+use isthmus_tests::{assert_closed_without_data, echo_exact, metric_sum, prerequisites};
 
 const MIB: usize = 1 << 20;
 
@@ -192,11 +192,11 @@ fn passthrough_and_registry_only(backend: &str) {
         .unwrap();
     mesh.wait_for_version(&version, false).unwrap();
     // The connect itself succeeds (the sidecar accepts), then it is closed without a byte.
-    let refused = client.http_get(legacy, "/");
-    assert!(
-        refused.is_err(),
-        "REGISTRY_ONLY let {legacy} through: {refused:?}"
-    );
+    let mut refused = client.connect(legacy).unwrap();
+    refused
+        .write_all(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    assert_closed_without_data(refused);
     let vip = SocketAddr::from((mesh.vip4("hello"), HTTP_SERVICE_PORT));
     assert_eq!(
         client.http_get(vip, "/").unwrap(),
