@@ -104,3 +104,101 @@ pub async fn connect<R: Runtime>(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::runtime::{self, Epoll, Uring};
+    use crate::test_support::skip_unless_io_uring;
+
+    /// A local address whose connects hang (SYNs dropped): a listener with a full backlog
+    /// that never accepts. Returned with what keeps it full.
+    fn black_hole() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Socket) {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        // Fill the accept queue; later connects are not answered.
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                fillers.push(s);
+            }
+        }
+        (addr, fillers, socket)
+    }
+
+    /// Runs `connect` on a worker of backend `R`; returns what it gave and how long it took.
+    fn connect_on<R: Runtime>(
+        candidates: Vec<(SocketAddr, Option<usize>)>,
+        policy: ConnectPolicy,
+    ) -> (Result<SocketAddr, String>, Duration) {
+        let (tx, rx) = mpsc::channel();
+        let tx = std::sync::Arc::new(std::sync::Mutex::new(tx));
+        runtime::start_workers(
+            R::BACKEND,
+            1,
+            move |_| {
+                let (tx, candidates) = (tx.clone(), candidates.clone());
+                async move {
+                    let started = Instant::now();
+                    let result = connect::<R>(&candidates, &policy)
+                        .await
+                        .map(|c| c.addr)
+                        .map_err(|e| e.to_string());
+                    let _ = tx.lock().unwrap().send((result, started.elapsed()));
+                }
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(20)).unwrap()
+    }
+
+    /// Attempts that hang are cut at the attempt timeout, and all of them together at the
+    /// deadline: three hanging candidates at 300 ms each with a 400 ms deadline give up after
+    /// ~400 ms, not 900 ms; a listening candidate after a refused one is reached.
+    fn deadline_bounds_all_attempts<R: Runtime>() {
+        let (hole, _fillers, _keep) = black_hole();
+        let policy = ConnectPolicy {
+            attempt_timeout: Duration::from_millis(300),
+            deadline: Duration::from_millis(400),
+            attempts: 3,
+        };
+        let (result, took) = connect_on::<R>(vec![(hole, None); 3], policy);
+        let error = result.unwrap_err();
+        assert!(error.contains("deadline of 400ms"), "{error}");
+        assert!(
+            took >= Duration::from_millis(390) && took < Duration::from_millis(850),
+            "{took:?}"
+        );
+
+        let refused = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let open = TcpListener::bind("127.0.0.1:0").unwrap();
+        let open_addr = open.local_addr().unwrap();
+        let (result, _) = connect_on::<R>(vec![(refused, Some(0)), (open_addr, Some(1))], policy);
+        assert_eq!(result, Ok(open_addr));
+    }
+
+    #[test]
+    fn epoll_deadline_bounds_all_attempts() {
+        deadline_bounds_all_attempts::<Epoll>();
+    }
+
+    #[test]
+    fn io_uring_deadline_bounds_all_attempts() {
+        if skip_unless_io_uring() {
+            return;
+        }
+        deadline_bounds_all_attempts::<Uring>();
+    }
+}
