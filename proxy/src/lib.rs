@@ -14,6 +14,7 @@ pub mod balance;
 pub mod connect;
 pub mod detect;
 pub mod drain;
+pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod policy;
