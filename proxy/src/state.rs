@@ -9,6 +9,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,6 +35,8 @@ pub struct ReloadStatus {
 
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
+    /// Set once the first config loads; read by every connection, so not behind the mutex.
+    loaded: AtomicBool,
     status: Mutex<ReloadStatus>,
     version: watch::Sender<String>,
     metrics: Arc<Metrics>,
@@ -62,6 +65,7 @@ impl ConfigStore {
         let (version, _) = watch::channel(empty.version().to_string());
         Arc::new(ConfigStore {
             current: ArcSwap::from_pointee(empty),
+            loaded: AtomicBool::new(false),
             status: Mutex::new(ReloadStatus::default()),
             version,
             metrics,
@@ -82,7 +86,7 @@ impl ConfigStore {
     /// Whether a config has ever loaded. Until then the sidecar is not ready and refuses
     /// traffic whose policy it cannot know.
     pub fn has_loaded(&self) -> bool {
-        self.lock().loaded_at.is_some()
+        self.loaded.load(Ordering::Acquire)
     }
 
     pub fn status(&self) -> ReloadStatus {
@@ -158,6 +162,7 @@ impl ConfigStore {
         status.loaded_at = Some(now);
         status.successes += 1;
         status.last_error = None;
+        self.loaded.store(true, Ordering::Release);
     }
 
     /// Records a rejection once: the same bad config (or the same read error) seen again on a
