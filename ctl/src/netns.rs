@@ -81,6 +81,17 @@ impl Netns {
         program: impl AsRef<std::ffi::OsStr>,
         as_user: Option<u32>,
     ) -> Result<Command, NetnsError> {
+        self.command_limited(program, as_user, None)
+    }
+
+    /// [`Netns::command`] with `RLIMIT_NOFILE` set to `nofile` (soft and hard). It is set
+    /// before the switch to `as_user`, which could not raise it.
+    pub fn command_limited(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        as_user: Option<u32>,
+        nofile: Option<u64>,
+    ) -> Result<Command, NetnsError> {
         let ns = self.open()?;
         let mut cmd = Command::new(program);
         // SAFETY: only async-signal-safe syscalls between fork and exec.
@@ -89,6 +100,15 @@ impl Netns {
                 setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(n) = nofile {
+                    let limit = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 if let Some(id) = as_user {
                     if libc::setgroups(0, std::ptr::null()) != 0
@@ -110,17 +130,26 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, NetnsError> {
+        self.spawn(f)?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Starts `f` on a new thread that has entered this namespace, without waiting for it:
+    /// for load generators and servers that run while the caller changes the mesh.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T, NetnsError>>, NetnsError> {
         let ns = self.open()?;
         let name = self.name.clone();
-        std::thread::spawn(move || {
+        Ok(std::thread::spawn(move || {
             setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| NetnsError::Open {
                 name,
                 source: io::Error::from(e),
             })?;
             Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }))
     }
 }
 

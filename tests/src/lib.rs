@@ -1,6 +1,10 @@
 //! Helpers for the end-to-end scenarios in `tests/`: prerequisites, payload patterns, and
 //! metric lookups. The mesh itself is `isthmus_ctl::local::Mesh` — the same code the demo runs.
 
+pub mod load;
+pub mod probe;
+pub mod traffic;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 

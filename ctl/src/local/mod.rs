@@ -6,15 +6,14 @@
 //! Everything is removed on drop: processes, namespaces (and with them links, bridge and rules).
 
 pub mod demo;
+mod lifecycle;
 mod pod;
 
 pub use pod::Pod;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use isthmus_config::SourceFile;
@@ -58,6 +57,8 @@ pub struct PodSpec {
     pub version: String,
     /// Whether it gets isthmus-init and a sidecar; unmeshed pods are plain hosts.
     pub sidecar: bool,
+    /// `RLIMIT_NOFILE` (soft and hard) for the sidecar; `None` inherits ours.
+    pub nofile: Option<u64>,
 }
 
 impl PodSpec {
@@ -67,6 +68,7 @@ impl PodSpec {
             app: app.map(Into::into),
             version: version.into(),
             sidecar: true,
+            nofile: None,
         }
     }
 
@@ -76,7 +78,22 @@ impl PodSpec {
             app: None,
             version: "v1".into(),
             sidecar: false,
+            nofile: None,
         }
+    }
+
+    /// An unmeshed pod that backs `app`: an endpoint without a sidecar (no inbound capture).
+    pub fn unmeshed_endpoint(name: &str, app: &str) -> Self {
+        PodSpec {
+            app: Some(app.into()),
+            ..PodSpec::unmeshed(name)
+        }
+    }
+
+    /// The sidecar's file descriptor limit.
+    pub fn with_nofile(mut self, nofile: u64) -> Self {
+        self.nofile = Some(nofile);
+        self
     }
 }
 
@@ -116,12 +133,43 @@ pub struct Mesh {
     services: Vec<(String, Ipv4Addr, Ipv6Addr)>,
     /// Every pod's spec and addresses, known before the pods exist so the registry can be
     /// written first and every sidecar starts with it.
-    plan: Vec<(PodSpec, Ipv4Addr, Ipv6Addr)>,
+    plan: Vec<Planned>,
+    /// The next free address slot (slots of removed pods are not reused).
+    next_slot: u8,
     config: ConfigMapDir,
     user_config: std::sync::Mutex<Vec<SourceFile>>,
     work_dir: PathBuf,
     keep_work_dir: bool,
+    launch: Launch,
     _node: Netns,
+}
+
+/// A pod in the registry: its spec, address slot and addresses.
+struct Planned {
+    spec: PodSpec,
+    slot: u8,
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+}
+
+impl Planned {
+    fn new(spec: PodSpec, slot: u8) -> Self {
+        let n = 20 + slot;
+        Planned {
+            spec,
+            slot,
+            ipv4: Ipv4Addr::new(10, 66, 0, n),
+            ipv6: Ipv6Addr::new(0xfd00, 0x66, 0, 0, 0, 0, 0, u16::from(n)),
+        }
+    }
+}
+
+/// What starting a pod needs beyond its spec, kept for pods added later.
+struct Launch {
+    tag: String,
+    bin_dir: PathBuf,
+    proxy_args: Vec<String>,
+    block_io_uring: bool,
 }
 
 static RUN: AtomicU32 = AtomicU32::new(0);
@@ -171,33 +219,33 @@ impl Mesh {
                 )
             })
             .collect();
-        let plan = spec
+        let plan: Vec<Planned> = spec
             .pods
             .iter()
             .enumerate()
-            .map(|(i, pod)| {
-                let n = 20 + i as u8;
-                (
-                    pod.clone(),
-                    Ipv4Addr::new(10, 66, 0, n),
-                    Ipv6Addr::new(0xfd00, 0x66, 0, 0, 0, 0, 0, u16::from(n)),
-                )
-            })
+            .map(|(i, pod)| Planned::new(pod.clone(), i as u8))
             .collect();
         let mut mesh = Mesh {
             pods: Vec::new(),
             services,
+            next_slot: plan.len() as u8,
             plan,
             config,
             user_config: std::sync::Mutex::new(spec.config.clone()),
             work_dir,
             keep_work_dir: false,
+            launch: Launch {
+                tag,
+                bin_dir,
+                proxy_args: spec.proxy_args.clone(),
+                block_io_uring: spec.block_io_uring,
+            },
             _node: node,
         };
         mesh.write_files().map_err(io_err("writing the config"))?;
 
-        for i in 0..mesh.plan.len() {
-            let pod = mesh.create_pod(&tag, i, &bin_dir, &spec)?;
+        for planned in &mesh.plan {
+            let pod = mesh.create_pod(planned)?;
             mesh.pods.push(pod);
         }
         for pod in &mut mesh.pods {
@@ -208,17 +256,17 @@ impl Mesh {
         Ok(mesh)
     }
 
-    fn create_pod(
-        &self,
-        tag: &str,
-        index: usize,
-        bin_dir: &Path,
-        mesh: &MeshSpec,
-    ) -> Result<Pod, MeshError> {
-        let (spec, ipv4, ipv6) = &self.plan[index];
-        let (ipv4, ipv6) = (*ipv4, *ipv6);
-        let netns = Netns::create(&format!("isth{tag}-{}", spec.name))?;
-        let peer = format!("veth{index}");
+    /// Creates the pod's namespace and link, starts its app, and, if meshed, runs isthmus-init
+    /// and starts its sidecar (not waiting for it to be ready).
+    fn create_pod(&self, planned: &Planned) -> Result<Pod, MeshError> {
+        let Planned {
+            spec,
+            slot,
+            ipv4,
+            ipv6,
+        } = planned;
+        let netns = Netns::create(&format!("isth{}-{}", self.launch.tag, spec.name))?;
+        let peer = format!("veth{slot}");
         crate::netns::ip(&[
             "link",
             "add",
@@ -244,83 +292,17 @@ impl Mesh {
         std::fs::create_dir_all(&log_dir).map_err(io_err("pod log directory"))?;
         let mut pod = Pod {
             name: spec.name.clone(),
-            ipv4,
-            ipv6,
+            ipv4: *ipv4,
+            ipv6: *ipv6,
             spec: spec.clone(),
             processes: Vec::new(),
             netns,
             log_dir,
         };
-
-        // The app first: it prints READY once bound, so the pod is serving before its sidecar
-        // takes traffic.
-        let mut app = pod.netns.command(bin_dir.join("isthmus-ctl"), None)?;
-        app.args([
-            "app",
-            "--name",
-            &spec.name,
-            "--http",
-            &format!("[::]:{HTTP_PORT}"),
-            "--echo",
-            &format!("[::]:{ECHO_PORT}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(log_file(&pod.log_dir, "app.log")?);
-        let mut child = app.spawn().map_err(io_err("starting the app"))?;
-        let ready = child.stdout.take().map(|out| {
-            BufReader::new(out)
-                .lines()
-                .next()
-                .and_then(Result::ok)
-                .unwrap_or_default()
-        });
-        pod.processes.push(("app".into(), child));
-        if ready.as_deref() != Some("READY") {
-            return Err(MeshError::Failed(format!(
-                "app in {} did not start: {}",
-                spec.name,
-                pod.log("app.log")
-            )));
-        }
-
+        // The app first: it is serving before its sidecar takes traffic.
+        pod.start_app(&self.launch.bin_dir)?;
         if spec.sidecar {
-            let out = pod
-                .netns
-                .command(bin_dir.join("isthmus-init"), None)?
-                .output()
-                .map_err(io_err("running isthmus-init"))?;
-            if !out.status.success() {
-                return Err(MeshError::Failed(format!(
-                    "isthmus-init in {} failed: {}",
-                    spec.name,
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            let mut proxy = pod
-                .netns
-                .command(bin_dir.join("isthmus-proxy"), Some(PROXY_UID))?;
-            proxy
-                .arg("--config-dir")
-                .arg(self.config.path())
-                .args([
-                    "--workload",
-                    &spec.name,
-                    "--namespace",
-                    NAMESPACE,
-                    "--app",
-                    spec.app.as_deref().unwrap_or(&spec.name),
-                    "--app-version",
-                    &spec.version,
-                ])
-                .args(["--access-log", "--config-debounce-ms", "20"])
-                .args(&mesh.proxy_args)
-                .stdout(Stdio::null())
-                .stderr(log_file(&pod.log_dir, "proxy.log")?);
-            if mesh.block_io_uring {
-                crate::seccomp::deny_io_uring(&mut proxy);
-            }
-            let child = proxy.spawn().map_err(io_err("starting isthmus-proxy"))?;
-            pod.processes.push(("proxy".into(), child));
+            pod.start_sidecar(&self.launch, self.config.path())?;
         }
         Ok(pod)
     }
@@ -339,14 +321,14 @@ impl Mesh {
             let members: Vec<_> = self
                 .plan
                 .iter()
-                .filter(|(spec, ..)| spec.app.as_deref() == Some(name))
+                .filter(|p| p.spec.app.as_deref() == Some(name))
                 .collect();
             if members.is_empty() {
                 yaml.push_str("  endpoints: []\n");
                 continue;
             }
             yaml.push_str("  endpoints:\n");
-            for (spec, ipv4, _) in members {
+            for Planned { spec, ipv4, .. } in members {
                 let _ = writeln!(
                     yaml,
                     "  - {{address: {ipv4}, labels: {{app: {name}, version: {}, isthmus.io/workload: {}}}}}",
@@ -383,6 +365,13 @@ impl Mesh {
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn pod_mut(&mut self, name: &str) -> &mut Pod {
+        self.pods
+            .iter_mut()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
     }

@@ -1,13 +1,15 @@
 //! A pod of the local mesh: its namespace, its processes, and how tests and the demo talk to
 //! it from inside (so that its capture rules apply).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Child;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{io_err, MeshError, PodSpec};
+use super::{
+    io_err, log_file, Launch, MeshError, PodSpec, ECHO_PORT, HTTP_PORT, NAMESPACE, PROXY_UID,
+};
 use crate::netns::Netns;
 
 /// A running pod.
@@ -24,6 +26,106 @@ pub struct Pod {
 impl Pod {
     pub fn netns(&self) -> &Netns {
         &self.netns
+    }
+
+    /// Starts the built-in app and waits for its READY line.
+    pub(super) fn start_app(&mut self, bin_dir: &Path) -> Result<(), MeshError> {
+        let mut app = self.netns.command(bin_dir.join("isthmus-ctl"), None)?;
+        app.args([
+            "app",
+            "--name",
+            &self.name,
+            "--http",
+            &format!("[::]:{HTTP_PORT}"),
+            "--echo",
+            &format!("[::]:{ECHO_PORT}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(log_file(&self.log_dir, "app.log")?);
+        let mut child = app.spawn().map_err(io_err("starting the app"))?;
+        let ready = child.stdout.take().map(|out| {
+            BufReader::new(out)
+                .lines()
+                .next()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        });
+        self.processes.push(("app".into(), child));
+        if ready.as_deref() != Some("READY") {
+            return Err(MeshError::Failed(format!(
+                "app in {} did not start: {}",
+                self.name,
+                self.log("app.log")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs isthmus-init and starts the sidecar as UID 1337 (not waiting for readiness).
+    pub(super) fn start_sidecar(
+        &mut self,
+        launch: &Launch,
+        config_dir: &Path,
+    ) -> Result<(), MeshError> {
+        let out = self
+            .netns
+            .command(launch.bin_dir.join("isthmus-init"), None)?
+            .output()
+            .map_err(io_err("running isthmus-init"))?;
+        if !out.status.success() {
+            return Err(MeshError::Failed(format!(
+                "isthmus-init in {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let mut proxy = self.netns.command_limited(
+            launch.bin_dir.join("isthmus-proxy"),
+            Some(PROXY_UID),
+            self.spec.nofile,
+        )?;
+        proxy
+            .arg("--config-dir")
+            .arg(config_dir)
+            .args([
+                "--workload",
+                &self.name,
+                "--namespace",
+                NAMESPACE,
+                "--app",
+                self.spec.app.as_deref().unwrap_or(&self.name),
+                "--app-version",
+                &self.spec.version,
+            ])
+            .args(["--access-log", "--config-debounce-ms", "20"])
+            .args(&launch.proxy_args)
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.log_dir, "proxy.log")?);
+        if launch.block_io_uring {
+            crate::seccomp::deny_io_uring(&mut proxy);
+        }
+        let child = proxy.spawn().map_err(io_err("starting isthmus-proxy"))?;
+        self.processes.push(("proxy".into(), child));
+        Ok(())
+    }
+
+    /// SIGKILLs and reaps the process named `name` ("app" or "proxy"); false if none runs.
+    pub(super) fn kill(&mut self, name: &str) -> bool {
+        let Some(i) = self.processes.iter().position(|(n, _)| n == name) else {
+            return false;
+        };
+        let (_, mut child) = self.processes.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+        true
+    }
+
+    /// The app's process id.
+    pub fn app_pid(&self) -> Option<u32> {
+        self.processes
+            .iter()
+            .find(|(name, _)| name == "app")
+            .map(|(_, c)| c.id())
     }
 
     pub fn ip(&self, v6: bool) -> IpAddr {
