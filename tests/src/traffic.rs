@@ -195,14 +195,16 @@ impl HttpClient {
     }
 }
 
-/// An upstream (bind it inside a pod with `Netns::spawn`) whose first connection echoes
-/// `reset_after` bytes and then resets (SO_LINGER 0 close); later connections echo until EOF.
-/// Serves `connections` connections, then returns; gives up after `within`.
+/// An upstream (bind its listener inside a pod) whose first connection echoes `reset_after`
+/// bytes and then resets (SO_LINGER 0 close), sending the time of the reset on `reset_at`;
+/// later connections echo until EOF. Serves `connections` connections, then returns; gives up
+/// after `within`.
 pub fn resetting_echo_server(
     listener: TcpListener,
     reset_after: usize,
     connections: usize,
     within: Duration,
+    reset_at: std::sync::mpsc::Sender<Instant>,
 ) -> io::Result<()> {
     let deadline = Instant::now() + within;
     listener.set_nonblocking(true)?;
@@ -237,6 +239,8 @@ pub fn resetting_echo_server(
             };
             nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
                 .map_err(io::Error::from)?;
+            drop(stream);
+            let _ = reset_at.send(Instant::now());
         } else {
             stream.shutdown(Shutdown::Write)?;
             // Wait for the client's close so ours is not the active close.

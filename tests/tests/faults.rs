@@ -132,15 +132,20 @@ fn upstream_resets_mid_stream(backend: &str) {
         .unwrap()
         .unwrap();
     let reset_after = 4 * MIB;
+    let (reset_tx, reset_rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || {
-        resetting_echo_server(listener, reset_after, 2, Duration::from_secs(60))
+        resetting_echo_server(listener, reset_after, 2, Duration::from_secs(60), reset_tx)
     });
 
     let (progress, stream) = background_stream(mesh.pod("client").connect(addr).unwrap());
     let ended = stream.join().expect("stream thread");
-    // The reset is sent right after the last echoed byte; the stream cannot end before it.
-    let reset = Instant::now().min(ended.at);
-    eprintln!("upstream reset: {ended:?}");
+    let reset = reset_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the upstream never reset");
+    eprintln!(
+        "upstream reset: {ended:?}, {:?} after the RST",
+        ended.at - reset
+    );
     assert_prompt_close(&ended, reset);
     assert!(
         ended.verified <= reset_after as u64,

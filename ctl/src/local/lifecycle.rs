@@ -37,11 +37,8 @@ impl Mesh {
             .ok_or_else(|| MeshError::Failed(format!("no pod {name}")))?;
         self.plan.retain(|p| p.spec.name != name);
         let version = self.write_files().map_err(io_err("writing the registry"))?;
-        let mut pod = self.pods.remove(index);
-        for process in ["proxy", "app"] {
-            pod.kill(process);
-        }
-        drop(pod); // deletes the namespace, and with it the pod's address
+        // Kills its sidecar and app, then deletes the namespace and with it the pod's address.
+        drop(self.pods.remove(index));
         Ok(version)
     }
 

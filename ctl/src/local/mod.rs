@@ -423,13 +423,7 @@ impl Drop for Mesh {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        for pod in &mut self.pods {
-            for (_, child) in &mut pod.processes {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        self.pods.clear(); // deletes the pod namespaces
+        self.pods.clear(); // kills every pod's processes, then deletes its namespace
         if !self.keep_work_dir {
             let _ = std::fs::remove_dir_all(&self.work_dir);
         }

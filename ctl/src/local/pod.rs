@@ -277,3 +277,14 @@ impl Pod {
         }
     }
 }
+
+impl Drop for Pod {
+    /// A pod that goes away (removed, or half-created when a step failed) takes its processes
+    /// with it, sidecar first; its namespace is deleted after, when `netns` drops.
+    fn drop(&mut self) {
+        for (_, child) in self.processes.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
