@@ -92,6 +92,19 @@ pub fn assert_settled(pod: &Pod) {
     wait_idle(pod, Duration::from_secs(15));
 }
 
+/// Every config the sidecar loaded, from its log: (version, number of files), in order.
+pub fn config_loads(pod: &Pod) -> Vec<(String, usize)> {
+    let field = |line: &str, key: &str| -> Option<String> {
+        let rest = line.split(&format!(" {key}=")).nth(1)?;
+        Some(rest.split(' ').next()?.trim_matches('"').to_string())
+    };
+    pod.log("proxy.log")
+        .lines()
+        .filter(|l| l.contains("config loaded"))
+        .filter_map(|l| Some((field(l, "version")?, field(l, "files")?.parse().ok()?)))
+        .collect()
+}
+
 /// Resident memory of a process (`VmRSS` in `/proc/PID/status`), in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -14,7 +14,7 @@ use isthmus_ctl::local::{Mesh, MeshSpec, PodSpec, ECHO_PORT, HTTP_SERVICE_PORT};
 use isthmus_tests::load::{
     background_stream, mixed_exchanges, paced_gets, wait_progress, Paced, Tally,
 };
-use isthmus_tests::probe::{assert_settled, wait_active, wait_until};
+use isthmus_tests::probe::{assert_settled, config_loads, wait_active, wait_until};
 use isthmus_tests::traffic::{resetting_echo_server, End};
 use isthmus_tests::{echo_exact, metric_sum, prerequisites};
 
@@ -305,6 +305,8 @@ fn endpoints_churn_under_load(backend: &str) {
     }
     for pod in ["client", "hello-c", "hello-d"] {
         assert_settled(mesh.pod(pod));
+        // Every registry written had one file; no generation may load with none.
+        assert_no_partial_config(mesh.pod(pod), 1, "");
     }
 }
 
@@ -316,6 +318,26 @@ fn endpoints_churn_under_load_auto() {
 #[test]
 fn endpoints_churn_under_load_epoll() {
     endpoints_churn_under_load("epoll");
+}
+
+/// Every config the sidecar loaded, except the one it started with, had `files` files: a
+/// generation read while the writer replaced it (kubelet deletes the old one) is not loaded.
+fn assert_no_partial_config(pod: &isthmus_ctl::local::Pod, files: usize, initial: &str) {
+    let loads = config_loads(pod);
+    assert!(
+        !loads.is_empty(),
+        "no `config loaded` lines in {}'s proxy.log: has the log format changed?",
+        pod.name
+    );
+    let partial: Vec<_> = loads
+        .into_iter()
+        .filter(|(version, n)| *n != files && version != initial)
+        .collect();
+    assert!(
+        partial.is_empty(),
+        "{}'s sidecar loaded partial configs (version, files) during the swaps: {partial:?}",
+        pod.name
+    );
 }
 
 /// All TCP traffic of `hello` to one subset (`v1` or `v2`).
@@ -352,6 +374,8 @@ fn config_flapping_under_load() {
         &[],
     );
     let configs = [all_to("v1"), all_to("v2")];
+    // The registry alone, as the sidecars started.
+    let initial = mesh.write_config(Vec::new()).unwrap();
     let first = mesh.write_config(configs[0].clone()).unwrap();
     mesh.wait_for_version(&first, false).unwrap();
     let reloads = || {
@@ -416,6 +440,11 @@ fn config_flapping_under_load() {
         seen.errors.len(),
         seen.errors.iter().take(5).collect::<Vec<_>>()
     );
+    // Every generation written had both files (registry and routes): a sidecar that loads
+    // fewer read a generation while it was being replaced, and served without them meanwhile.
+    for pod in ["client", "hello-v1", "hello-v2"] {
+        assert_no_partial_config(mesh.pod(pod), 2, &initial);
+    }
     assert!(
         seen.errors.is_empty(),
         "{} errors: {:?}",
