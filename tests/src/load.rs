@@ -24,6 +24,7 @@ pub fn background_stream(stream: TcpStream) -> (Arc<AtomicU64>, std::thread::Joi
     (progress, handle)
 }
 
+/// Waits (up to 30 s) until a background stream has verified `bytes`.
 pub fn wait_progress(progress: &AtomicU64, bytes: u64) {
     wait_until(
         "stream progress",
@@ -35,7 +36,7 @@ pub fn wait_progress(progress: &AtomicU64, bytes: u64) {
     );
 }
 
-/// Opens connections through the client's sidecar, keeping every one open (relayed or not),
+/// Opens connections from inside `pod` through its sidecar, keeping every one open (relayed or not),
 /// until `give_up` attempts in a row are not relayed or `max` attempts were made. Returns the
 /// held connections and how many were relayed (echoed byte-exact).
 pub fn saturate(pod: &Pod, vip: SocketAddr, max: usize, give_up: usize) -> (Vec<TcpStream>, usize) {
@@ -68,6 +69,15 @@ pub fn saturate(pod: &Pod, vip: SocketAddr, max: usize, give_up: usize) -> (Vec<
         }
     }
     (open, relayed)
+}
+
+/// Raises `stop` when dropped, so that load threads end even when the test fails first.
+pub struct StopOnDrop(pub Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// What one load thread saw: answers per backend, failures with their time span, corruption.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use isthmus_config::SourceFile;
 use isthmus_ctl::local::{Mesh, MeshSpec, PodSpec, ECHO_PORT, HTTP_SERVICE_PORT};
 use isthmus_tests::load::{
-    background_stream, mixed_exchanges, paced_gets, wait_progress, Paced, Tally,
+    background_stream, mixed_exchanges, paced_gets, wait_progress, Paced, StopOnDrop, Tally,
 };
 use isthmus_tests::probe::{assert_settled, config_loads, wait_active, wait_until};
 use isthmus_tests::traffic::{resetting_echo_server, End};
@@ -201,6 +201,7 @@ fn endpoints_churn_under_load(backend: &str) {
     let echo = SocketAddr::from((mesh.vip4("hello"), ECHO_PORT));
     const THREADS: u8 = 2;
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_panic = StopOnDrop(stop.clone());
     let done = Arc::new(AtomicU64::new(0));
     let load: Vec<_> = (0..THREADS)
         .map(|seed| {
