@@ -8,6 +8,8 @@ use std::fmt;
 pub enum ConfigError {
     #[error("config directory {dir} does not exist (is the ConfigMap volume mounted?)")]
     MissingDir { dir: String },
+    #[error("config directory {dir} changed {attempts} times while being read; waiting for it to settle")]
+    Unstable { dir: String, attempts: usize },
     #[error("cannot read config directory {dir}: {source}")]
     ReadDir { dir: String, source: std::io::Error },
     #[error("cannot read {file}: {source}")]

@@ -5,7 +5,7 @@
 //! the new, so when `..data` exists it is resolved once and the files are read from the
 //! generation directory it names: one consistent generation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::ConfigError;
 
@@ -27,49 +27,112 @@ impl SourceFile {
     /// Reads every `*.yaml` / `*.yml` / `*.json` file of one generation of `dir`, sorted by
     /// name. A missing directory is an error ([`ConfigError::MissingDir`]), not an empty
     /// config: a sidecar must not mistake "no ConfigMap mounted" for "no policy".
+    ///
+    /// Kubelet deletes the old generation right after swapping `..data`, possibly while we
+    /// read it: a generation whose files vanish, or that `..data` no longer names once read,
+    /// is read again from the new one — never returned partial (a partial read used to load
+    /// as an empty config, dropping every route and a `REGISTRY_ONLY` policy with them).
     pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigError> {
-        let read_err = |source| ConfigError::ReadDir {
-            dir: dir.display().to_string(),
-            source,
-        };
-        let generation = match std::fs::canonicalize(dir.join("..data")) {
-            Ok(target) => target,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir.to_path_buf(),
-            Err(source) => return Err(read_err(source)),
-        };
-        let entries = match std::fs::read_dir(&generation) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ConfigError::MissingDir {
-                    dir: dir.display().to_string(),
-                })
+        for _ in 0..READ_ATTEMPTS {
+            let current = generation(dir)?;
+            match read_files(dir, current.as_deref()) {
+                Ok(files) if current.is_none() || generation(dir)? == current => return Ok(files),
+                Ok(_) | Err(Partial::Vanished) => continue,
+                Err(Partial::Failed(e)) => return Err(e),
             }
-            Err(source) => return Err(read_err(source)),
-        };
-        let mut files = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(read_err)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.')
-                || ![".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
-            {
-                continue;
-            }
-            let path = entry.path();
-            // `metadata` follows symlinks (a hand-made directory may link its files anywhere).
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_file() => {}
-                _ => continue,
-            }
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
-                file: name.clone(),
-                source,
-            })?;
-            files.push(SourceFile { name, text });
         }
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(files)
+        Err(ConfigError::Unstable {
+            dir: dir.display().to_string(),
+            attempts: READ_ATTEMPTS,
+        })
     }
+}
+
+/// How many times a directory that keeps changing under the reader is read before giving up
+/// (until the next change event or resync).
+const READ_ATTEMPTS: usize = 10;
+
+/// Why one read of a generation did not complete.
+enum Partial {
+    /// The generation was replaced while being read: read the new one.
+    Vanished,
+    Failed(ConfigError),
+}
+
+/// The generation directory `dir/..data` names, or `None` for a plain directory.
+fn generation(dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    let link = dir.join("..data");
+    match std::fs::symlink_metadata(&link) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(read_dir_error(dir, source)),
+        Ok(_) => {}
+    }
+    match std::fs::canonicalize(&link) {
+        Ok(target) => Ok(Some(target)),
+        // A dangling `..data` (its generation deleted under us): whatever it names next.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(link)),
+        Err(source) => Err(read_dir_error(dir, source)),
+    }
+}
+
+fn read_dir_error(dir: &Path, source: std::io::Error) -> ConfigError {
+    ConfigError::ReadDir {
+        dir: dir.display().to_string(),
+        source,
+    }
+}
+
+/// Reads the config files of `generation` (kubelet's layout) or of `dir` itself.
+fn read_files(dir: &Path, generation: Option<&Path>) -> Result<Vec<SourceFile>, Partial> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let from = generation.unwrap_or(dir);
+    let entries = match std::fs::read_dir(from) {
+        Ok(entries) => entries,
+        Err(e) if gone(&e) && generation.is_some() => return Err(Partial::Vanished),
+        Err(e) if gone(&e) => {
+            return Err(Partial::Failed(ConfigError::MissingDir {
+                dir: dir.display().to_string(),
+            }))
+        }
+        Err(source) => return Err(Partial::Failed(read_dir_error(dir, source))),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if gone(&e) && generation.is_some() => return Err(Partial::Vanished),
+            Err(source) => return Err(Partial::Failed(read_dir_error(dir, source))),
+        };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || ![".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e)) {
+            continue;
+        }
+        let path = entry.path();
+        // `metadata` follows symlinks (a hand-made directory may link its files anywhere).
+        let read = std::fs::metadata(&path).and_then(|meta| {
+            if meta.is_file() {
+                std::fs::read_to_string(&path).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        match read {
+            Ok(Some(text)) => files.push(SourceFile { name, text }),
+            Ok(None) => {}
+            // In a generation, a vanished file means the generation is being deleted; in a
+            // plain directory, a file deleted while listing is simply not there any more.
+            Err(e) if gone(&e) && generation.is_some() => return Err(Partial::Vanished),
+            Err(e) if gone(&e) => {}
+            Err(source) => {
+                return Err(Partial::Failed(ConfigError::ReadFile {
+                    file: name,
+                    source,
+                }))
+            }
+        }
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
 }
 
 /// A stable content hash of a config generation (FNV-1a over names and texts), shown by every
@@ -124,6 +187,65 @@ mod tests {
             SourceFile::read_dir(&dir),
             Err(ConfigError::MissingDir { .. })
         ));
+    }
+
+    /// Found by the flapping fault test: kubelet (like our local mesh) deletes the old
+    /// generation right after the swap, and a reader that had resolved `..data` to it read
+    /// some or none of its files — an empty config loaded. A reader racing a writer that swaps
+    /// generations as fast as it can must only ever see whole generations.
+    #[test]
+    fn a_generation_replaced_while_read_is_read_again_not_partially() {
+        let root = std::env::temp_dir().join(format!("isthmus-src-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        const FILES: usize = 8;
+        let dir = root.clone();
+        let write_generation = move |n: usize| {
+            let name = format!("..gen_{n}");
+            std::fs::create_dir(dir.join(&name)).unwrap();
+            for f in 0..FILES {
+                std::fs::write(dir.join(&name).join(format!("f{f}.yaml")), format!("{n}")).unwrap();
+            }
+            let tmp = dir.join("..data_tmp");
+            std::os::unix::fs::symlink(&name, &tmp).unwrap();
+            std::fs::rename(&tmp, dir.join("..data")).unwrap();
+            if n > 0 {
+                std::fs::remove_dir_all(dir.join(format!("..gen_{}", n - 1))).unwrap();
+            }
+        };
+        write_generation(0);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            let write_generation = write_generation.clone();
+            std::thread::spawn(move || {
+                let mut n = 1;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+                    write_generation(n);
+                    n += 1;
+                }
+            })
+        };
+        let (mut whole, mut unstable) = (0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        while std::time::Instant::now() < deadline {
+            match SourceFile::read_dir(&root) {
+                Ok(files) => {
+                    assert_eq!(files.len(), FILES, "a partial generation was returned");
+                    assert!(
+                        files.iter().all(|f| f.text == files[0].text),
+                        "files from two generations"
+                    );
+                    whole += 1;
+                }
+                Err(ConfigError::Unstable { .. }) => unstable += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(whole > 10, "{whole} whole reads, {unstable} gave up");
     }
 
     /// Between kubelet renaming `..data` to a new generation and relinking the top-level
