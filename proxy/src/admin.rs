@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::listen::LogLimiter;
 use crate::metrics::Metrics;
 use crate::state::ConfigStore;
 
@@ -79,11 +80,14 @@ pub enum Role {
 /// Serves `role` on an already-bound listener until the process ends.
 pub async fn serve(listener: TcpListener, role: Role, state: Arc<AdminState>) {
     let slots = Arc::new(Semaphore::new(state.limits.max_connections));
+    let mut errors = LogLimiter::new(Duration::from_secs(5));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
-                tracing::warn!("admin accept: {e}");
+                if let Some(held) = errors.allow(Instant::now()) {
+                    tracing::warn!(?role, held_back = held, "admin accept failed: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -64,8 +64,9 @@ pub struct Args {
     #[arg(long, default_value_t = 60)]
     pub half_close_timeout_secs: u64,
     /// Connections the proxy holds open at once, over all workers (each takes two file
-    /// descriptors); more are closed at accept and counted. 0: derived from the file
-    /// descriptor limit (half of it, less a reserve for listeners and admin).
+    /// descriptors); more are closed at accept and counted. 0: as many as the file descriptor
+    /// limit carries (half of it, less a reserve for listeners and the admin endpoints); a
+    /// larger value is capped there, with a warning.
     #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
     /// What outbound traffic does before the first config has loaded. Inbound traffic is

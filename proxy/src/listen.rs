@@ -1,12 +1,10 @@
 //! Listening: binding the per-worker sockets, the accept loop (connection cap, drain,
 //! rate-limited error logs) and the first stage of a connection, its original destination.
 
-use std::cell::Cell;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,53 +81,59 @@ pub fn ipv6_available() -> bool {
         .is_ok()
 }
 
-/// The connection slots of one worker: a cap on the connections it holds open at once.
+/// The proxy's connection slots: a cap on the connections held open at once, shared by every
+/// worker (one atomic add and subtract per connection).
 pub struct Slots {
-    open: Cell<usize>,
+    open: AtomicUsize,
     cap: usize,
 }
 
 /// One taken slot, given back when the connection's task ends.
-pub struct Slot(Rc<Slots>);
+pub struct Slot(Arc<Slots>);
 
 impl Slots {
-    pub fn new(cap: usize) -> Rc<Self> {
-        Rc::new(Slots {
-            open: Cell::new(0),
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Slots {
+            open: AtomicUsize::new(0),
             cap,
         })
     }
 
-    /// Connections open on this worker now.
+    /// Connections open now, over all workers.
     pub fn open(&self) -> usize {
-        self.open.get()
+        self.open.load(Ordering::Relaxed)
     }
 
-    fn take(self: &Rc<Self>) -> Option<Slot> {
-        let open = self.open.get();
-        (open < self.cap).then(|| {
-            self.open.set(open + 1);
-            Slot(self.clone())
-        })
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |open| {
+                (open < self.cap).then_some(open + 1)
+            });
+        taken.ok().map(|_| Slot(self.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.set(self.0.open.get() - 1);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Logs at most once per period, counting what it held back: a descriptor shortage makes
 /// every accept fail, and one line per failure would flood the log.
-struct LogLimiter {
+pub struct LogLimiter {
     period: Duration,
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl LogLimiter {
-    fn new(period: Duration) -> Self {
+    pub fn new(period: Duration) -> Self {
         LogLimiter {
             period,
             last: None,
@@ -138,7 +142,7 @@ impl LogLimiter {
     }
 
     /// `Some(held back since the last line)` when a line may be logged now.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
         if self.last.is_some_and(|t| now < t + self.period) {
             self.suppressed += 1;
             return None;
@@ -156,7 +160,7 @@ pub async fn accept_loop<R: Runtime>(
     direction: Direction,
     orig: OrigDst,
     ctx: Arc<Context>,
-    slots: Rc<Slots>,
+    slots: Arc<Slots>,
     mut drain: drain::Watch,
 ) {
     let stop_at = match direction {
@@ -178,7 +182,7 @@ pub async fn accept_loop<R: Runtime>(
                     drop(stream);
                     if let Some(held) = refusals.allow(Instant::now()) {
                         tracing::warn!(?direction, cap = slots.cap, held_back = held,
-                            "connection refused: this worker holds its maximum of open connections (--max-connections)");
+                            "connection refused: the proxy holds its maximum of open connections (--max-connections)");
                     }
                     continue;
                 };

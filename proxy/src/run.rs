@@ -51,8 +51,13 @@ struct Group {
     sockets: Vec<std::net::TcpListener>,
 }
 
-/// Descriptors kept back from the connection cap: listeners, admin, config reads, logs.
-const FD_RESERVE: u64 = 128;
+/// The most connections `fd_limit` descriptors carry: two each (downstream and upstream),
+/// after a reserve for listeners, rings, the admin endpoints (which must keep answering probes
+/// when the data path is saturated), config reads and logs.
+pub fn connection_budget(fd_limit: u64) -> usize {
+    let reserve = (fd_limit / 8).clamp(64, 256);
+    (fd_limit.saturating_sub(reserve) / 2).max(1) as usize
+}
 
 /// Runs the proxy until it is told to stop; returns after draining, or with an error when a
 /// worker dies (supervision: the process exits non-zero and the kubelet restarts it — a
@@ -63,11 +68,19 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
     }
     process::abort_on_panic();
     let fd_limit = process::raise_fd_limit();
+    let budget = connection_budget(fd_limit);
     let max_connections = match args.max_connections {
-        0 => (fd_limit.saturating_sub(FD_RESERVE) / 2).max(1) as usize,
+        0 => budget,
+        n if n > budget => {
+            tracing::warn!(
+                "--max-connections {n} needs more file descriptors than the limit of {fd_limit} \
+                 allows (2 per connection, plus a reserve): capped at {budget}. Raise the limit \
+                 (ulimit -n, or the container runtime's) for more"
+            );
+            budget
+        }
         n => n,
     };
-    let per_worker = max_connections.div_ceil(args.workers);
     let (backend, fallback) = runtime::select(args.io_backend)?;
     match &fallback {
         Some(why) => tracing::warn!(
@@ -152,7 +165,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
                 "backend": backend.as_str(),
                 "ioUringFallback": fallback.as_ref().map(|e| e.to_string()),
                 "workers": args.workers,
-                "maxConnections": per_worker * args.workers,
+                "maxConnections": max_connections,
                 "fdLimit": fd_limit,
                 "configDir": args.config_dir.display().to_string(),
                 "pid": std::process::id(),
@@ -191,16 +204,12 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
             args.workers,
             groups,
             ctx,
-            per_worker,
+            Slots::new(max_connections),
             drain.watch(),
             died_tx,
         )?;
         admin_state.listening.store(true, Ordering::Release);
-        tracing::info!(
-            workers = args.workers,
-            max_connections = per_worker * args.workers,
-            "proxy listening"
-        );
+        tracing::info!(workers = args.workers, max_connections, "proxy listening");
 
         tokio::select! {
             () = wait_for_shutdown(&admin_state) => {}
@@ -270,7 +279,7 @@ fn start_workers(
     workers: usize,
     groups: Vec<Group>,
     ctx: Arc<Context>,
-    per_worker: usize,
+    slots: Arc<Slots>,
     drain: drain::Watch,
     died: mpsc::UnboundedSender<(usize, WorkerExit)>,
 ) -> Result<(), RunError> {
@@ -284,12 +293,11 @@ fn start_workers(
     let listeners = Arc::new(std::sync::Mutex::new(per_worker_listeners));
     let make = move |index: usize| {
         let mine = std::mem::take(&mut listeners.lock().unwrap_or_else(|p| p.into_inner())[index]);
-        let ctx = ctx.clone();
-        let drain = drain.clone();
+        let (ctx, slots, drain) = (ctx.clone(), slots.clone(), drain.clone());
         async move {
             match backend {
-                Backend::IoUring => worker::<Uring>(index, mine, ctx, per_worker, drain).await,
-                Backend::Epoll => worker::<Epoll>(index, mine, ctx, per_worker, drain).await,
+                Backend::IoUring => worker::<Uring>(index, mine, ctx, slots, drain).await,
+                Backend::Epoll => worker::<Epoll>(index, mine, ctx, slots, drain).await,
             }
         }
     };
@@ -305,13 +313,12 @@ async fn worker<R: Runtime>(
     index: usize,
     listeners: WorkerListeners,
     ctx: Arc<Context>,
-    per_worker: usize,
+    slots: Arc<Slots>,
     drain: drain::Watch,
 ) {
     if inject_fault(index) {
         return;
     }
-    let slots = Slots::new(per_worker);
     let mut tasks = Vec::new();
     for (direction, orig, socket) in listeners {
         match R::listener(socket) {
@@ -329,8 +336,9 @@ async fn worker<R: Runtime>(
     for task in tasks {
         let _ = task.await;
     }
-    // Listeners are closed (shutdown): give the connections the drain is ending time to
-    // finish closing before the runtime, and with it their tasks, goes away.
+    // Listeners are closed (shutdown): give the connections the drain is ending (this
+    // worker's among them) time to finish closing before the runtime, and with it their
+    // tasks, goes away.
     if drain.phase() < Phase::Draining {
         return;
     }
@@ -380,5 +388,19 @@ async fn wait_for_shutdown(state: &AdminState) {
 async fn wait_idle(metrics: &Metrics, deadline: Instant) {
     while metrics.active_connections.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_budget_leaves_a_reserve() {
+        assert_eq!(connection_budget(128), 32);
+        assert_eq!(connection_budget(1024), 448);
+        assert_eq!(connection_budget(20_000), 9_872);
+        assert_eq!(connection_budget(1 << 20), 524_160);
+        assert_eq!(connection_budget(10), 1);
     }
 }
