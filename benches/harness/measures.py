@@ -11,7 +11,8 @@ from . import load
 from . import topology as T
 from . import upstream
 from .contenders import registry_files
-from .ns import proc_cpu_seconds, proc_pss_bytes, proc_rss_bytes, proc_unique_bytes
+from .ns import (proc_allowed_cpus, proc_cpu_seconds, proc_pss_bytes, proc_rss_bytes,
+                 proc_unique_bytes)
 
 
 class Plan:
@@ -124,10 +125,15 @@ def run_contender_round(ctx, plan, results, c):
             c.check_alive()
             results.add(results.latency, (c.name, rate, conns), s)
             ctx.log(f"    {c.name:20} {rate:5} rps c={conns:<3} " + fmt_sample(s))
+        cores = len(proc_allowed_cpus(c.proxy_pids())) or 1
         s = run_load(ctx, c, None, plan.maxrps_conns, plan.maxrps_duration, closed_loop=True)
         # Closed loop: the generator is meant to be the limit or near it; note, don't reject.
         s["saturated"] = [p for p in s["problems"] if "saturated" in p]
         s["problems"] = [p for p in s["problems"] if "saturated" not in p]
+        # "rps per proxy core" is capacity only if the proxy was (nearly) saturated; otherwise
+        # it is the CPU cost per request at whatever load the generator managed. Noted.
+        s["proxy_busy"] = s["proxy_cpu"] / s["wall"] / cores if s["wall"] else 0.0
+        s["proxy_cores"] = cores
         results.add(results.maxrps, c.name, s)
         ctx.log(f"    {c.name:20} max rps c={plan.maxrps_conns}: {s['rps']:.0f} rps "
                 f"proxy cpu {s['proxy_cpu']:.2f}s " + ("OK" if s.valid else str(s["problems"])))

@@ -393,6 +393,23 @@ def children(pid):
     return out
 
 
+def proc_allowed_cpus(pids):
+    """The union of the CPUs the given processes may run on (Cpus_allowed_list)."""
+    cpus = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("Cpus_allowed_list:"):
+                        for part in line.split(":", 1)[1].strip().split(","):
+                            a, _, b = part.partition("-")
+                            cpus.update(range(int(a), int(b or a) + 1))
+                        break
+        except (OSError, ValueError):
+            pass
+    return cpus
+
+
 def cpu_busy_snapshot():
     """Per-CPU (busy, total) jiffies from /proc/stat."""
     snap = {}

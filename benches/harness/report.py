@@ -4,6 +4,7 @@ import html
 import statistics
 
 HEADLINE = (1000, 16)
+PROXY_SATURATED = 0.8  # max-rps runs below this proxy CPU busy fraction are noted
 PCTS = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]
 
 
@@ -222,6 +223,17 @@ def markdown(results, meta, plan, svg_name, profiles=()):
     if sat:
         w(f"\nMax-rps runs where the load generator's core was saturated (expected for a closed "
           f"loop on 2 cores; read *rps per proxy core* instead of raw max rps): {', '.join(sat)}.")
+    idle = [(n, med([s["proxy_busy"] for s in valid(ss)]), med([s.get("loadgen_core")
+             for s in valid(ss)])) for n, ss in results.maxrps.items()
+            if n != "direct" and valid(ss) and all("proxy_busy" in s for s in ss)]
+    idle = [(n, b, g) for n, b, g in idle if b is not None and b < PROXY_SATURATED]
+    if idle:
+        w(f"\n**Proxy not saturated** in the max-rps runs of: "
+          + ", ".join(f"{n} ({b:.0%} of its core{'s' if n in S.notes else ''} busy; generator's "
+                      f"core {f(g, '{:.0%}')} busy)" for n, b, g in idle)
+          + f" (median over valid rounds; saturated = ≥ {PROXY_SATURATED:.0%}). For these, *rps "
+          "per proxy core* is the CPU cost per request at the load the generator could offer, "
+          "not the proxy's capacity.")
     if results.backends:
         w("\nI/O backend each isthmus proxy reported (`isthmus_proxy_io_backend`): "
           + ", ".join(f"{n}: {'/'.join(sorted(set(b.values())))}"
