@@ -106,6 +106,8 @@ pub async fn relay<R: Runtime>(
 ) -> (Transferred, End) {
     let activity = Cell::new(Instant::now());
     let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
+    // Whether we sent FIN on each socket (a half finished copying into it).
+    let (down_fin, up_fin) = (Cell::new(false), Cell::new(false));
     let moved = || Transferred {
         upstream: up_bytes.get(),
         downstream: down_bytes.get(),
@@ -124,16 +126,16 @@ pub async fn relay<R: Runtime>(
         ends.to_upstream.inc_by(n);
     }
     let up = copy_half::<R, _, _>(
-        (ends.downstream, Side::Downstream),
-        (ends.upstream, Side::Upstream),
+        (ends.downstream, Side::Downstream, &down_fin),
+        (ends.upstream, Side::Upstream, &up_fin),
         ends.to_upstream,
         &up_bytes,
         &activity,
         ends.buffers,
     );
     let down = copy_half::<R, _, _>(
-        (ends.upstream, Side::Upstream),
-        (ends.downstream, Side::Downstream),
+        (ends.upstream, Side::Upstream, &up_fin),
+        (ends.downstream, Side::Downstream, &down_fin),
         ends.to_downstream,
         &down_bytes,
         &activity,
@@ -244,10 +246,11 @@ impl Drop for Buffer<'_> {
     }
 }
 
-/// One direction: read from `from`, write to `to`; on end of stream, half-close `to`.
+/// One direction: read from `from`, write to `to`; on end of stream, half-close `to` — unless
+/// `from` was reset, which is passed on as a reset. `*_fin`: whether we sent FIN on that socket.
 async fn copy_half<R: Runtime, A: Stream, B: Stream>(
-    (from, from_side): (&A, Side),
-    (to, to_side): (&B, Side),
+    (from, from_side, from_fin): (&A, Side, &Cell<bool>),
+    (to, to_side, to_fin): (&B, Side, &Cell<bool>),
     counter: &Counter,
     total: &Cell<u64>,
     activity: &Cell<Instant>,
@@ -273,9 +276,16 @@ async fn copy_half<R: Runtime, A: Stream, B: Stream>(
             read
         };
         let n = match read {
+            Ok(0) if from.was_reset(from_fin.get()) => {
+                return Err(HalfError {
+                    side: from_side,
+                    error: io::ErrorKind::ConnectionReset.into(),
+                })
+            }
             Ok(0) => {
                 // A peer that already closed makes shutdown fail with ENOTCONN: harmless.
                 let _ = to.shutdown_write();
+                to_fin.set(true);
                 return Ok(());
             }
             Ok(n) => n,
@@ -287,6 +297,10 @@ async fn copy_half<R: Runtime, A: Stream, B: Stream>(
             }
         };
         activity.set(Instant::now());
+        // Counted as received, before the write: bytes a failed write loses were still moved
+        // from this side.
+        total.set(total.get() + n as u64);
+        counter.inc_by(n as u64);
         let filled = n == buf.bytes.capacity() && n < MAX_BUFFER;
         let (written, b) = to.write_all(std::mem::take(&mut buf.bytes)).await;
         buf.bytes = b;
@@ -297,8 +311,6 @@ async fn copy_half<R: Runtime, A: Stream, B: Stream>(
             });
         }
         activity.set(Instant::now());
-        total.set(total.get() + n as u64);
-        counter.inc_by(n as u64);
         if filled {
             // Filled: the peer sends faster than this buffer drains. Grow for the next read.
             let grown = (buf.bytes.capacity() * 2).min(MAX_BUFFER);

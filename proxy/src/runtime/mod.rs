@@ -110,12 +110,39 @@ pub trait Stream: AsRawFd + 'static {
     fn shutdown_both(&self) -> io::Result<()> {
         with_socket(self, |s| s.shutdown(std::net::Shutdown::Both))
     }
+    /// Whether the connection was ended by a reset rather than a FIN, after a read returned
+    /// end of stream. The kernel reports a reset's error to one system call only: if a write
+    /// took it, the read sees plain end of stream. The TCP state still tells: CLOSE after a
+    /// reset, CLOSE_WAIT after a FIN — unless we had sent our own FIN first (then a normal
+    /// close also ends in CLOSE), which the caller knows and says with `we_sent_fin`.
+    fn was_reset(&self, we_sent_fin: bool) -> bool {
+        if we_sent_fin {
+            return false;
+        }
+        let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        // SAFETY: zero-initialised, and filled by the kernel where rc == 0.
+        rc == 0 && unsafe { info.assume_init() }.tcpi_state == TCP_CLOSE
+    }
     /// Makes the coming close send RST instead of FIN: how a reset on one side is passed on
     /// to the other.
     fn reset_on_close(&self) -> io::Result<()> {
         with_socket(self, |s| s.set_linger(Some(Duration::ZERO)))
     }
 }
+
+/// `TCP_CLOSE` in the kernel's TCP state numbering (include/net/tcp_states.h).
+const TCP_CLOSE: u8 = 7;
 
 /// Runs a socket option call on `stream`'s descriptor.
 fn with_socket<S: AsRawFd + ?Sized, T>(
