@@ -6,7 +6,9 @@
 //! modes: uring-h1 tokio-h1 compio-h1 uring-h2 uring-h2-strict tokio-h2 compio-h2
 //! uring-h2 / compio-h2: our adapter (src/adapter.rs), write-behind flush; uring-h2-strict: the
 //! same adapter with a flush that waits for the write's completion; compio-h2-compat: compio's
-//! own futures-io compat layer (compio::io::compat::AsyncStream) bridged to tokio's traits.
+//! own futures-io compat layer (compio::io::compat::AsyncStream) bridged to tokio's traits;
+//! uring-epoll-h2: h2 on tokio's (epoll) TcpStream inside the tokio-uring runtime, which is a
+//! tokio current-thread runtime: "tokio for L7 only" on the same worker thread.
 
 mod adapter;
 mod h1;
@@ -18,7 +20,7 @@ use std::rc::Rc;
 
 const MODES: &[&str] = &[
     "uring-h1", "tokio-h1", "compio-h1",
-    "uring-h2", "uring-h2-strict", "tokio-h2", "compio-h2", "compio-h2-compat",
+    "uring-h2", "uring-h2-strict", "uring-epoll-h2", "tokio-h2", "compio-h2", "compio-h2-compat",
 ];
 
 fn main() {
@@ -31,7 +33,7 @@ fn main() {
     let upstream: SocketAddr = args[3].parse().expect("upstream address");
     let std_listener = std::net::TcpListener::bind(listen).expect("bind");
     let result = match args[1].as_str() {
-        "uring-h1" | "uring-h2" | "uring-h2-strict" => uring::run(&args[1], std_listener, upstream),
+        "uring-h1" | "uring-h2" | "uring-h2-strict" | "uring-epoll-h2" => uring::run(&args[1], std_listener, upstream),
         "tokio-h1" | "tokio-h2" => epoll::run(&args[1], std_listener, upstream),
         _ => completion::run(&args[1], std_listener, upstream),
     };
@@ -87,6 +89,24 @@ mod uring {
         let h2 = mode.starts_with("uring-h2");
         let flush = if mode.ends_with("strict") { adapter::Flush::Strict } else { adapter::Flush::WriteBehind };
         ready(mode, &std_listener);
+        if mode == "uring-epoll-h2" {
+            return rt.block_on(async move {
+                std_listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(std_listener)?;
+                loop {
+                    let (stream, _) = listener.accept().await?;
+                    stream.set_nodelay(true)?;
+                    tokio_uring::spawn(async move {
+                        let up = || async move {
+                            let s = tokio::net::TcpStream::connect(upstream).await?;
+                            s.set_nodelay(true)?;
+                            Ok(s)
+                        };
+                        let _ = h2proxy::serve(stream, up, spawn).await;
+                    });
+                }
+            });
+        }
         rt.block_on(async move {
             let listener = TcpListener::from_std(std_listener);
             loop {
