@@ -196,7 +196,12 @@ pub fn parse_response(
         Err(e) => return Err(parse_error(e)),
     };
     let version = version(res.version)?;
-    let status = res.code.unwrap_or_default();
+    // httparse takes any three digits; a status is 100–999 (RFC 9110 §15), and "002" would be
+    // forwarded as "2".
+    let status = res
+        .code
+        .filter(|code| *code >= 100)
+        .ok_or(H1Error::Malformed("status"))?;
     let headers = owned(res.headers);
     let connection = Tokens::of(&headers, "connection");
     let framing = response_framing(&headers, version, status, method)?;

@@ -222,6 +222,11 @@ fn responses_follow_rfc_9112_framing() {
         .framing,
         Framing::Chunked
     );
+    // Found by fuzzing: three digits below 100 are not a status.
+    assert_eq!(
+        parse_response(b"HTTP/1.1 002 x\r\n\r\n", "GET", &limits),
+        Err(H1Error::Malformed("status"))
+    );
     let until_close = parse(b"HTTP/1.1 200 OK\r\n\r\n", "GET");
     assert_eq!(until_close.framing, Framing::UntilClose);
     assert!(!until_close.keep_alive);
