@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use isthmus_config::SourceFile;
@@ -23,12 +23,19 @@ mod capacity;
 
 const MIB: usize = 1 << 20;
 
-/// The flapping and 10k-connection scenarios each want the two cores to themselves.
-static HEAVY: Mutex<()> = Mutex::new(());
+/// The flapping and 10k-connection scenarios each want the two cores to themselves: they take
+/// this lock to write, every other scenario to read (those may share the machine).
+static CORES: RwLock<()> = RwLock::new(());
 
-fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY
-        .lock()
+fn heavy() -> RwLockWriteGuard<'static, ()> {
+    CORES
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn light() -> RwLockReadGuard<'static, ()> {
+    CORES
+        .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -61,6 +68,7 @@ fn assert_prompt_close(ended: &isthmus_tests::traffic::Ended, fault: Instant) {
 /// capture and the server's inbound capture. The client sees a close or reset at once, not a
 /// hang; both sidecars stay ready and drop the connection; the restarted app serves again.
 fn upstream_app_killed_mid_stream(backend: &str) {
+    let _cores = light();
     if !prerequisites() {
         return;
     }
@@ -112,6 +120,7 @@ fn upstream_app_killed_mid_stream_epoll() {
 /// (SO_LINGER 0). The client's stream ends at once with at most those 4 MiB, all correct; the
 /// sidecar stays ready, drops the connection, and the next connection to that upstream works.
 fn upstream_resets_mid_stream(backend: &str) {
+    let _cores = light();
     if !prerequisites() {
         return;
     }
@@ -182,6 +191,7 @@ fn upstream_resets_mid_stream_epoll() {
 /// Every completed exchange is correct; failures are bounded by the exchanges that can have been
 /// in flight to a removed pod; new pods get traffic, removed pods get none once gone.
 fn endpoints_churn_under_load(backend: &str) {
+    let _cores = light();
     if !prerequisites() {
         return;
     }

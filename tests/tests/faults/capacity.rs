@@ -11,7 +11,7 @@ use isthmus_tests::probe::{
 };
 use isthmus_tests::{echo_exact, metric_sum, prerequisites};
 
-use super::{heavy, mesh, MIB};
+use super::{heavy, light, mesh, MIB};
 
 /// How the sidecar's descriptors run out.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -29,6 +29,7 @@ enum Exhaust {
 /// and answering on its admin port; once they close, new connections work again, nothing is
 /// left open and no descriptor leaked.
 fn fd_exhaustion_then_recovery(backend: &str, exhaust: Exhaust) {
+    let _cores = light();
     if !prerequisites() {
         return;
     }
