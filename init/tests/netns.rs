@@ -44,23 +44,7 @@ fn skip_reason() -> Option<&'static str> {
     None
 }
 
-/// Records the running test as skipped for `scripts/test.sh`, which moves the tests listed in
-/// `$ISTHMUS_SKIP_LOG` from "passed" to "skipped" (libtest has no run-time skip).
-fn skip(reason: &str) {
-    let thread = std::thread::current();
-    let test = thread.name().unwrap_or("unnamed test");
-    eprintln!("SKIPPED {test}: {reason}");
-    if let Some(log) = std::env::var_os("ISTHMUS_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{test}: {reason}");
-        }
-    }
-}
+use isthmus_tests::skip;
 
 macro_rules! skip_unless_capable {
     () => {

@@ -147,14 +147,8 @@ impl std::error::Error for H1Error {}
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(RequestHead, usize)>, H1Error> {
     let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut req = httparse::Request::new(&mut slots);
-    let n = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= limits.max_head => n,
-        Ok(httparse::Status::Complete(_)) => return Err(H1Error::HeadTooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head => {
-            return Err(H1Error::HeadTooLarge)
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_error(e)),
+    let Some(n) = head_len(req.parse(buf), buf.len(), limits)? else {
+        return Ok(None);
     };
     let version = version(req.version)?;
     let headers = owned(req.headers);
@@ -186,14 +180,8 @@ pub fn parse_response(
 ) -> Result<Option<(ResponseHead, usize)>, H1Error> {
     let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut res = httparse::Response::new(&mut slots);
-    let n = match res.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= limits.max_head => n,
-        Ok(httparse::Status::Complete(_)) => return Err(H1Error::HeadTooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head => {
-            return Err(H1Error::HeadTooLarge)
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_error(e)),
+    let Some(n) = head_len(res.parse(buf), buf.len(), limits)? else {
+        return Ok(None);
     };
     let version = version(res.version)?;
     // httparse takes any three digits; a status is 100–999 (RFC 9110 §15), and "002" would be
@@ -214,6 +202,22 @@ pub fn parse_response(
         framing,
     };
     Ok(Some((head, n)))
+}
+
+/// The head's length once httparse has looked at `buffered` bytes: `Ok(None)` to read more,
+/// an error past the size limit.
+fn head_len(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    limits: &Limits,
+) -> Result<Option<usize>, H1Error> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n <= limits.max_head => Ok(Some(n)),
+        Ok(httparse::Status::Complete(_)) => Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buffered >= limits.max_head => Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(parse_error(e)),
+    }
 }
 
 fn parse_error(e: httparse::Error) -> H1Error {
