@@ -297,6 +297,15 @@ mod tests {
         out
     }
 
+    /// A readiness probe that tolerates being refused: what came back, maybe nothing.
+    async fn ready_probe(addr: SocketAddr) -> Vec<u8> {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        out
+    }
+
     fn config_dir() -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("isthmus-admin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -414,11 +423,7 @@ mod tests {
         // Each idle connection is accepted in turn; the fifth finds no slot.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").await;
-            let mut out = Vec::new();
-            let _ = s.read_to_end(&mut out).await;
-            if out.is_empty() {
+            if ready_probe(addr).await.is_empty() {
                 break;
             }
             assert!(Instant::now() < deadline, "never refused");
@@ -428,11 +433,7 @@ mod tests {
         drop(idle);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").await;
-            let mut out = Vec::new();
-            let _ = s.read_to_end(&mut out).await;
-            if out.starts_with(b"HTTP/1.1 503") {
+            if ready_probe(addr).await.starts_with(b"HTTP/1.1 503") {
                 break;
             }
             assert!(Instant::now() < deadline, "slots never came back");

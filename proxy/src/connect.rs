@@ -108,11 +108,10 @@ pub async fn connect<R: Runtime>(
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
-    use std::sync::mpsc;
 
     use super::*;
-    use crate::runtime::{self, Epoll, Uring};
-    use crate::test_support::skip_unless_io_uring;
+    use crate::runtime::{Epoll, Uring};
+    use crate::test_support::{on_worker, skip_unless_io_uring};
 
     /// A local address whose connects hang (SYNs dropped): a listener with a full backlog
     /// that never accepts. Returned with what keeps it full.
@@ -139,26 +138,17 @@ mod tests {
         candidates: Vec<(SocketAddr, Option<usize>)>,
         policy: ConnectPolicy,
     ) -> (Result<SocketAddr, String>, Duration) {
-        let (tx, rx) = mpsc::channel();
-        let tx = std::sync::Arc::new(std::sync::Mutex::new(tx));
-        runtime::start_workers(
-            R::BACKEND,
-            1,
-            move |_| {
-                let (tx, candidates) = (tx.clone(), candidates.clone());
-                async move {
-                    let started = Instant::now();
-                    let result = connect::<R>(&candidates, &policy)
-                        .await
-                        .map(|c| c.addr)
-                        .map_err(|e| e.to_string());
-                    let _ = tx.lock().unwrap().send((result, started.elapsed()));
-                }
-            },
-            |_, _| {},
-        )
-        .unwrap();
-        rx.recv_timeout(Duration::from_secs(20)).unwrap()
+        on_worker::<R, _, _, _>(move || {
+            let candidates = candidates.clone();
+            async move {
+                let started = Instant::now();
+                let result = connect::<R>(&candidates, &policy)
+                    .await
+                    .map(|c| c.addr)
+                    .map_err(|e| e.to_string());
+                (result, started.elapsed())
+            }
+        })
     }
 
     /// Attempts that hang are cut at the attempt timeout, and all of them together at the

@@ -2,19 +2,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use super::*;
-use crate::test_support::skip_unless_io_uring;
-
-/// Runs `body` on one worker of backend `R` and waits for it; a panic inside fails the test.
-fn on_worker<R: Runtime, F, Fut>(body: F)
-where
-    F: Fn() -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    let handles = start_workers(R::BACKEND, 1, move |_| body(), |_, _| {}).unwrap();
-    for h in handles {
-        h.join().expect("worker panicked");
-    }
-}
+use crate::test_support::{on_worker, skip_unless_io_uring};
 
 /// Through each backend over loopback: the worker dials us, we send a message and FIN, the
 /// worker echoes it back and closes its side. Exercises connect, read, write_all and
@@ -30,7 +18,7 @@ fn echo_roundtrip<R: Runtime>() {
         peer.read_to_end(&mut back).unwrap();
         back
     });
-    on_worker::<R, _, _>(move || async move {
+    on_worker::<R, _, _, ()>(move || async move {
         let stream = R::connect(addr).await.unwrap();
         let mut buf = Vec::with_capacity(4);
         let mut echoed = Vec::new();
@@ -65,7 +53,7 @@ fn abandoned_read_ready_loses_nothing<R: Runtime>() {
     });
     let go_tx = std::sync::Mutex::new(Some(go_tx));
     let go_tx = std::sync::Arc::new(go_tx);
-    on_worker::<R, _, _>(move || {
+    on_worker::<R, _, _, ()>(move || {
         let go_tx = go_tx.clone();
         async move {
             let stream = R::connect(addr).await.unwrap();
@@ -103,7 +91,7 @@ fn vectored_writes_and_shutdown<R: Runtime>() {
         peer.read_to_end(&mut got).unwrap();
         got
     });
-    on_worker::<R, _, _>(move || {
+    on_worker::<R, _, _, ()>(move || {
         let big = big.clone();
         async move {
             let stream = R::connect(addr).await.unwrap();
