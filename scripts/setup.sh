@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh Debian/Ubuntu machine (as root):
-# iptables (nft and legacy backends), iproute2, curl. Does nothing when they are present.
+# iptables (nft and legacy backends), iproute2, curl, and the Debian packages named as
+# arguments. Does nothing when they are present.
+# The gRPC peers use Debian's python3-grpcio under /usr/bin/python3 rather than pip: one
+# installer for every peer, no venv, and no clash with PEP 668 or a pyenv python3 on PATH.
 set -euo pipefail
 need=()
 command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)

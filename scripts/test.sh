@@ -3,7 +3,8 @@
 # end-to-end scenarios (pods as network namespaces, real capture, real sidecars). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# h2load and grpcio: the HTTP tests' load generator and gRPC peers (tests/peers/).
+bash scripts/setup.sh nghttp2-client python3-grpcio
 # The e2e tests run the built binaries (isthmus-proxy, isthmus-init, isthmus-ctl).
 cargo build --workspace --bins
 log=$(mktemp)

@@ -26,6 +26,9 @@ pub const HTTP_PORT: u16 = 8080;
 pub const HTTP_SERVICE_PORT: u16 = 80;
 /// The built-in app's TCP echo port (service port too).
 pub const ECHO_PORT: u16 = 9000;
+/// The service port declared `protocol: GRPC` (same target port). Nothing listens there
+/// unless a test starts a gRPC peer in the pod (`isthmus_tests::grpc::GrpcServer`).
+pub const GRPC_PORT: u16 = 50051;
 /// The namespace the generated registry puts services in.
 pub const NAMESPACE: &str = "mesh";
 pub const PROXY_UID: u32 = 1337;
@@ -316,7 +319,8 @@ impl Mesh {
                 "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
                  spec:\n  hosts: [{name}.{NAMESPACE}.svc.cluster.local]\n  addresses: [{vip4}, \"{vip6}\"]\n  location: MESH_INTERNAL\n\
                  \x20 resolution: STATIC\n  ports:\n  - {{number: {HTTP_SERVICE_PORT}, name: http, protocol: HTTP, targetPort: {HTTP_PORT}}}\n\
-                 \x20 - {{number: {ECHO_PORT}, name: tcp-echo, protocol: TCP}}\n"
+                 \x20 - {{number: {ECHO_PORT}, name: tcp-echo, protocol: TCP}}\n\
+                 \x20 - {{number: {GRPC_PORT}, name: grpc, protocol: GRPC}}\n"
             );
             let members: Vec<_> = self
                 .plan
