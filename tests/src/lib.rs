@@ -1,9 +1,14 @@
-//! Helpers for the end-to-end scenarios in `tests/`: prerequisites, payload patterns, and
-//! metric lookups. The mesh itself is `isthmus_ctl::local::Mesh` — the same code the demo runs.
+//! Helpers for the end-to-end scenarios in `tests/`: prerequisites, payload patterns, metric
+//! lookups, and real clients run inside pods ([`http`]: curl and h2load, [`ws`]: WebSocket,
+//! [`grpc`]: the grpcio peers in `tests/peers/`). The mesh itself is
+//! `isthmus_ctl::local::Mesh` — the same code the demo runs; its app is the HTTP test server.
 
+pub mod grpc;
+pub mod http;
 pub mod load;
 pub mod probe;
 pub mod traffic;
+pub mod ws;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -207,18 +207,8 @@ pub fn resetting_echo_server(
     reset_at: std::sync::mpsc::Sender<Instant>,
 ) -> io::Result<()> {
     let deadline = Instant::now() + within;
-    listener.set_nonblocking(true)?;
     for n in 0..connections {
-        let mut stream = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        stream.set_nonblocking(false)?;
+        let mut stream = accept_until(&listener, deadline)?;
         stream.set_read_timeout(Some(within))?;
         let limit = if n == 0 { reset_after } else { usize::MAX };
         let mut buf = vec![0u8; 64 * 1024];
@@ -233,19 +223,65 @@ pub fn resetting_echo_server(
             echoed += got;
         }
         if n == 0 {
-            let linger = nix::libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
-                .map_err(io::Error::from)?;
-            drop(stream);
+            reset(stream)?;
             let _ = reset_at.send(Instant::now());
         } else {
             stream.shutdown(Shutdown::Write)?;
             // Wait for the client's close so ours is not the active close.
             let _ = stream.read(&mut buf);
         }
+    }
+    Ok(())
+}
+
+/// Accepts one connection, giving up (`TimedOut`) at `deadline`; the stream is blocking.
+pub fn accept_until(listener: &TcpListener, deadline: Instant) -> io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN.
+pub fn reset(stream: TcpStream) -> io::Result<()> {
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
+        .map_err(io::Error::from)
+}
+
+/// An HTTP upstream that misbehaves (bind its listener inside a pod): for each of
+/// `connections` connections it reads until the end of a request head, then resets without
+/// answering (what `retryOn: reset` retries). Gives up after `within`.
+pub fn reset_after_request_head(
+    listener: TcpListener,
+    connections: usize,
+    within: Duration,
+) -> io::Result<()> {
+    let deadline = Instant::now() + within;
+    for _ in 0..connections {
+        let stream = accept_until(&listener, deadline)?;
+        stream.set_read_timeout(Some(within))?;
+        let mut reader = BufReader::new(&stream);
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 0 && line != "\r\n" {
+            line.clear();
+        }
+        reset(stream)?;
     }
     Ok(())
 }
