@@ -46,10 +46,15 @@ class Env:
 class Contender:
     name = "?"
     description = ""
-    group = "?"  # baseline | isthmus | peer-tcp | peer-http
+    group = "?"  # baseline | isthmus | peer-tcp | peer-http | peer-h2
     client_pod = "cli"
     tcp = True  # can carry raw TCP (bulk throughput, idle connections)
     cpu_note = None  # set when this contender could not get a core per proxy process
+    # "h1": HTTP/1.1 load (oha/wrk grid, max rps, bulk); "h2": the h2 workload (h2load).
+    workload = "h1"
+    # True: a failed first request means "this build does not support it" — the contender is
+    # skipped with the reason instead of failing the run (isthmus h2, which may not exist yet).
+    skip_if_unsupported = False
 
     def __init__(self):
         self.procs = []
@@ -57,6 +62,9 @@ class Contender:
     def unavailable(self):
         """None, or why this contender cannot run on this machine (it is then skipped and
         the results say so)."""
+        import shutil
+        if self.workload == "h2" and not shutil.which("h2load"):
+            return "h2load not installed (Debian: apt-get install nghttp2-client)"
         return None
 
     def start(self, env):
@@ -94,7 +102,20 @@ class Contender:
 
     def verify(self):
         host, port = self.target()
-        upstream.verify(self.client(), host, port)
+        if self.workload == "h2":
+            from .load import h2_verify
+            h2_verify(self.client(), self.url())
+        else:
+            upstream.verify(self.client(), host, port)
+
+    def request_counts(self):
+        """{pod: istio_requests_total summed over its label sets} for proxies that count
+        Istio request metrics (isthmus); None for the others."""
+        return None
+
+
+class Unsupported(Exception):
+    """A contender whose build cannot serve the workload (see skip_if_unsupported)."""
 
 
 class Direct(Contender):
@@ -109,33 +130,37 @@ class Direct(Contender):
         return (T.PODS["srv"], T.BULK_PORT)
 
 
-def registry_yaml(protocol="TCP", extra_services=0, new_route=False):
-    """The ServiceEntries isthmus loads. extra_services adds N unrelated services (memory and
-    reload tests); new_route adds VIP_NEW → srv."""
-    def se(name, vip, endpoint):
-        return (
+class DirectH2(Direct):
+    """The h2 workload's limit: h2load straight to the responder's cleartext h2 listener."""
+    name = "direct-h2"
+    description = "no proxy, HTTP/2 cleartext (prior knowledge) to the responder's h2 listener"
+    group = "baseline-h2"
+    workload = "h2"
+    tcp = False
+
+    def target(self):
+        return (T.PODS["srv"], T.H2_PORT)
+
+    def bulk_target(self):
+        return None
+
+
+def registry_yaml(protocol="TCP", extra_services=0, new_route=False, target_port=None):
+    """The ServiceEntries isthmus loads. The web port (80) is declared `protocol` (named
+    `<protocol>-web`, so name and declaration agree); the bulk port is always TCP.
+    extra_services adds N unrelated services (memory and reload tests); new_route adds
+    VIP_NEW → srv; target_port: the web port's targetPort (default the HTTP/1.1 responder)."""
+    out = []
+    for name, vip, ports, endpoint in _registry_entries(protocol, extra_services, new_route,
+                                                        target_port):
+        out.append(
             f"---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
             f"metadata: {{name: {name}, namespace: bench}}\n"
             f"spec:\n  hosts: [{name}.bench.svc.cluster.local]\n  addresses: [{vip}]\n"
             f"  location: MESH_INTERNAL\n  resolution: STATIC\n  ports:\n"
-            f"  - {{number: 80, name: {protocol.lower()}-web, protocol: {protocol}, "
-            f"targetPort: {T.HTTP_PORT}}}\n"
-            f"  - {{number: {T.BULK_PORT}, name: tcp-bulk, protocol: TCP}}\n"
-            f"  endpoints:\n  - {{address: {endpoint}}}\n")
-    out = [se("one", T.VIP_ONE, T.PODS["srv"]), se("two", T.VIP_TWO, T.PODS["srvm"])]
-    if new_route:
-        out.append(se("new", T.VIP_NEW, T.PODS["srv"]))
-    for i in range(extra_services):
-        # 10.100.0.0/16 .. : unique VIPs, endpoints in a range nothing uses.
-        vip = f"10.{100 + i // 65536}.{(i // 256) % 256}.{i % 256}"
-        ep = f"10.{150 + i // 65536}.{(i // 256) % 256}.{i % 256}"
-        out.append(
-            f"---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
-            f"metadata: {{name: svc-{i}, namespace: bench}}\n"
-            f"spec:\n  hosts: [svc-{i}.bench.svc.cluster.local]\n  addresses: [{vip}]\n"
-            f"  location: MESH_INTERNAL\n  resolution: STATIC\n  ports:\n"
-            f"  - {{number: 80, name: tcp-web, protocol: TCP, targetPort: 8080}}\n"
-            f"  endpoints:\n  - {{address: {ep}}}\n")
+            + "".join("  - {" + ", ".join(f"{k}: {v}" for k, v in port.items()) + "}\n"
+                      for port in ports)
+            + f"  endpoints:\n  - {{address: {endpoint}}}\n")
     return "".join(out)
 
 
@@ -143,7 +168,8 @@ def registry_yaml(protocol="TCP", extra_services=0, new_route=False):
 DOCS_PER_FILE = 1000
 
 
-def registry_files(protocol="TCP", extra_services=0, new_route=False, fmt="yaml"):
+def registry_files(protocol="TCP", extra_services=0, new_route=False, fmt="yaml",
+                   target_port=None):
     """fmt="json": the same documents as one JSON array in registry.json (the controller's
     fast path: isthmus parses JSON an order of magnitude faster than YAML)."""
     if fmt == "json":
@@ -154,24 +180,26 @@ def registry_files(protocol="TCP", extra_services=0, new_route=False, fmt="yaml"
             "spec": {"hosts": [f"{name}.bench.svc.cluster.local"], "addresses": [vip],
                      "location": "MESH_INTERNAL", "resolution": "STATIC",
                      "ports": ports, "endpoints": [{"address": ep}]},
-        } for name, vip, ports, ep in _registry_entries(protocol, extra_services, new_route)]
+        } for name, vip, ports, ep in _registry_entries(protocol, extra_services, new_route,
+                                                        target_port)]
         return {"registry.json": json.dumps(docs)}
-    docs = registry_yaml(protocol, extra_services, new_route).split("---\n")[1:]
+    docs = registry_yaml(protocol, extra_services, new_route, target_port).split("---\n")[1:]
     return {f"registry-{i // DOCS_PER_FILE:03}.yaml":
             "".join("---\n" + d for d in docs[i:i + DOCS_PER_FILE])
             for i in range(0, len(docs), DOCS_PER_FILE)}
 
 
-def _registry_entries(protocol, extra_services, new_route):
-    """(name, vip, ports, endpoint) of registry_yaml's documents, for the JSON form."""
+def _registry_entries(protocol, extra_services, new_route, target_port=None):
+    """(name, vip, ports, endpoint) of every ServiceEntry, in order."""
     web = {"number": 80, "name": f"{protocol.lower()}-web", "protocol": protocol,
-           "targetPort": T.HTTP_PORT}
+           "targetPort": target_port or T.HTTP_PORT}
     bulk = {"number": T.BULK_PORT, "name": "tcp-bulk", "protocol": "TCP"}
     out = [("one", T.VIP_ONE, [web, bulk], T.PODS["srv"]),
            ("two", T.VIP_TWO, [web, bulk], T.PODS["srvm"])]
     if new_route:
         out.append(("new", T.VIP_NEW, [web, bulk], T.PODS["srv"]))
     for i in range(extra_services):
+        # 10.100.0.0/16 .. : unique VIPs, endpoints in a range nothing uses.
         vip = f"10.{100 + i // 65536}.{(i // 256) % 256}.{i % 256}"
         ep = f"10.{150 + i // 65536}.{(i // 256) % 256}.{i % 256}"
         out.append((f"svc-{i}", vip,
@@ -249,25 +277,41 @@ class Isthmus(Contender):
     EXPLICIT_BULK_PORT = 9001
 
     def __init__(self, name, mode, backend="io-uring", extra_args=(), protocol="TCP",
-                 description=None, registry_format="yaml"):
+                 description=None, registry_format="yaml", target_port=None):
         super().__init__()
         self.registry_format = registry_format
         self.name = name
         self.mode = mode
         self.backend = backend
         self.extra_args = list(extra_args)
+        # The web port's declared protocol: TCP = L4 relay (the TCP rows), HTTP = HTTP/1.1
+        # data path, HTTP2 = the h2 workload. Written into the ServiceEntry (and its name).
         self.protocol = protocol
+        self.target_port = target_port
+        # Only a TCP-declared port relays raw bytes: HTTP rows carry no bulk stream, and an
+        # idle HTTP client connection opens no upstream connection (no idle-conn measure).
+        self.tcp = protocol == "TCP"
+        self.workload = "h2" if protocol in ("HTTP2", "GRPC") else "h1"
+        self.group = {"h2": "isthmus-h2", "h1": "isthmus" if self.tcp else "isthmus-http"}[
+            self.workload]
+        self.skip_if_unsupported = self.workload == "h2"
         self.client_pod = "cli" if mode == "explicit" else "clim"
+        l7 = "" if protocol == "TCP" else f", port declared {protocol}"
         self.description = description or {
-            "one-hop": f"client sidecar, outbound REDIRECT capture ({backend})",
-            "two-hop": f"client sidecar + server sidecar, inbound capture too ({backend})",
-            "explicit": f"--no-capture --explicit listener, no iptables ({backend})",
+            "one-hop": f"client sidecar, outbound REDIRECT capture ({backend}{l7})",
+            "two-hop": f"client sidecar + server sidecar, inbound capture too ({backend}{l7})",
+            "explicit": f"--no-capture --explicit listener, no iptables ({backend}{l7})",
         }[mode]
         self.config = None
         self.backend_seen = {}
+        self.pods = []
+
+    def registry(self, **kw):
+        return registry_files(self.protocol, fmt=self.registry_format,
+                              target_port=self.target_port, **kw)
 
     def write_config(self, **kw):
-        self.config.write(registry_files(self.protocol, fmt=self.registry_format, **kw))
+        return self.config.write(self.registry(**kw))
 
     def proxy_argv(self, extra=()):
         backend = self.backend
@@ -287,6 +331,7 @@ class Isthmus(Contender):
         self.config = ConfigDir(os.path.join(env.work_dir, f"config-{self.name}"))
         self.write_config(**(config_kw or {}))
         pods = {"one-hop": ["clim"], "two-hop": ["clim", "srvm"], "explicit": ["cli"]}[self.mode]
+        self.pods = pods
         # Each sidecar of a two-hop path gets its own core (BENCHMARK.md fairness); where that
         # core is the load generator's, the row is marked as a lower bound.
         cpus = env.sidecar_cpus(len(pods))
@@ -339,6 +384,27 @@ class Isthmus(Contender):
                 return line.split('backend="', 1)[1].split('"', 1)[0]
         return "?"
 
+    def request_counts(self):
+        """{pod: istio_requests_total} of every sidecar in the path, summed over label sets
+        (both reporters, every response code); None for a sidecar whose admin did not answer."""
+        out = {}
+        for pod in self.pods:
+            try:
+                _, body = upstream.http_get(self.env.topo.pod(pod), "127.0.0.1", 15020,
+                                            "/stats/prometheus")
+            except OSError:
+                out[pod] = None
+                continue
+            n = 0
+            for line in body.decode(errors="replace").splitlines():
+                if line.startswith("istio_requests_total"):
+                    try:
+                        n += int(float(line.rsplit(None, 1)[1]))
+                    except (ValueError, IndexError):
+                        pass
+            out[pod] = n
+        return out
+
     def admin_pod(self):
         return self.env.topo.pod(self.client_pod)
 
@@ -353,6 +419,8 @@ class Isthmus(Contender):
         return (T.VIP_TWO if self.mode == "two-hop" else T.VIP_ONE, 80)
 
     def bulk_target(self):
+        if not self.tcp:
+            return None
         if self.mode == "explicit":
             return ("127.0.0.1", self.EXPLICIT_BULK_PORT)
         return (T.VIP_TWO if self.mode == "two-hop" else T.VIP_ONE, T.BULK_PORT)
@@ -418,27 +486,42 @@ class HAProxy(Contender):
       http:   option http-keep-alive, http-reuse always  keep-alive on both sides; idle server
                                   connections are shared, so the upstream sees reused
                                   connections (the path never breaks them: one local upstream)
+              (no `option forwardfor`, no `log`: HAProxy adds no header and logs nothing
+                                  unless told to, like the other proxies here)
+      h2:     mode http as above; `bind ... proto h2` (the frontend speaks cleartext HTTP/2
+                                  with prior knowledge, as h2load does) and `server ... proto
+                                  h2` to the responder's h2 listener: HTTP/2 on both sides, as
+                                  an isthmus port declared HTTP2 does; streams of every client
+                                  connection are multiplexed over the reused server
+                                  connections (http-reuse always). tune.h2.max-concurrent-
+                                  streams stays at its default (100): above the workload's
+                                  streams per connection
     """
+
+    PORTS = {"tcp": 8002, "http": 8012, "h2": 8022}
 
     def __init__(self, mode):
         super().__init__()
         self.mode = mode
         self.name = f"haproxy-{mode}"
-        self.group = "peer-tcp" if mode == "tcp" else "peer-http"
+        self.group = {"tcp": "peer-tcp", "http": "peer-http", "h2": "peer-h2"}[mode]
+        self.workload = "h2" if mode == "h2" else "h1"
         self.tcp = mode == "tcp"
-        self.port = 8002 if mode == "tcp" else 8012
+        self.port = self.PORTS[mode]
         self.splice = self.tcp and haproxy_has_splice()
         tuning = (f"tune.bufsize {PEER_TCP_BUFFER // 1024}k"
                   + (", option splice-auto (web), splice-request/response (bulk)" if self.splice
                      else ", no splice (not built in)")
                   if self.tcp else
-                  f"tune.bufsize {PEER_HTTP_BUFFER // 1024}k, http-reuse always")
-        self.description = (f"HAProxy mode {mode}, explicit listener, same single route; "
-                            f"{tuning}")
+                  f"tune.bufsize {PEER_HTTP_BUFFER // 1024}k, http-reuse always"
+                  + (", h2 (prior knowledge) in and h2 to the upstream" if mode == "h2" else ""))
+        self.description = (f"HAProxy mode {'tcp' if self.tcp else 'http'}, explicit listener, "
+                            f"same single route; {tuning}")
 
     def config(self, env):
         srv = T.PODS["srv"]
-        http = self.mode == "http"
+        http = self.mode != "tcp"
+        h2 = self.mode == "h2"
         maxconn = max(1000, min(60000, (nofile_hard() - 2 * HAPROXY_MAXPIPES - 500) // 2))
         bufsize = PEER_HTTP_BUFFER if http else PEER_TCP_BUFFER
         lines = [
@@ -449,17 +532,19 @@ class HAProxy(Contender):
             f"  tune.bufsize {bufsize}",
             "  tune.maxrewrite 1024",
             "defaults",
-            f"  mode {self.mode}",
+            f"  mode {'http' if http else 'tcp'}",
             "  timeout connect 5s",
             "  timeout client 600s",
             "  timeout server 600s",
         ]
         if http:
             lines += ["  option http-keep-alive", "  http-reuse always"]
-        lines += ["frontend web", f"  bind 127.0.0.1:{self.port}", "  default_backend web"]
+        lines += ["frontend web", f"  bind 127.0.0.1:{self.port}" + (" proto h2" if h2 else ""),
+                  "  default_backend web"]
         if self.splice:
             lines += ["  option splice-auto"]
-        lines += ["backend web", f"  server s1 {srv}:{T.HTTP_PORT}"]
+        lines += ["backend web", f"  server s1 {srv}:{T.H2_PORT} proto h2" if h2 else
+                  f"  server s1 {srv}:{T.HTTP_PORT}"]
         if not http:
             lines += ["frontend bulk", f"  bind 127.0.0.1:{self.port + 1000}",
                       "  default_backend bulk"]
@@ -508,18 +593,31 @@ class Nginx(Contender):
       http:   proxy_buffer_size 16k; proxy_buffers 8 16k  header and body buffers (default one
                                   page each): a whole response fits the first one
       http:   tcp_nodelay on; keepalive_requests/keepalive_timeout to the client
+              (access_log off: nginx logs every request by default, the others log nothing)
+      h2:     the http setup above with a cleartext HTTP/2 listener (`listen ... http2;`, from
+                                  nginx 1.25.1 `http2 on;`; prior knowledge, as h2load does);
+                                  nginx's proxy module speaks only HTTP/1.x to upstreams, so
+                                  it proxies h2 → HTTP/1.1 keep-alive (the same upstream block)
+                                  (keepalive_requests also bounds requests per h2 connection
+                                  since 1.19.7; http2_max_concurrent_streams stays 128)
     """
+
+    PORTS = {"stream": 8003, "http": 8013, "h2": 8023}
 
     def __init__(self, mode):
         super().__init__()
         self.mode = mode
         self.name = f"nginx-{mode}"
-        self.group = "peer-tcp" if mode == "stream" else "peer-http"
+        self.group = {"stream": "peer-tcp", "http": "peer-http", "h2": "peer-h2"}[mode]
+        self.workload = "h2" if mode == "h2" else "h1"
         self.tcp = mode == "stream"
-        self.port = 8003 if mode == "stream" else 8013
+        self.port = self.PORTS[mode]
         tuning = (f"proxy_buffer_size {PEER_TCP_BUFFER // 1024}k" if self.tcp else
-                  f"upstream keepalive, proxy_buffer_size {PEER_HTTP_BUFFER // 1024}k")
-        self.description = f"nginx {mode} proxy, explicit listener, same single route; {tuning}"
+                  f"upstream keepalive, proxy_buffer_size {PEER_HTTP_BUFFER // 1024}k"
+                  + ("; h2 in, HTTP/1.1 to the upstream (nginx proxies no h2 upstream)"
+                     if mode == "h2" else ""))
+        self.description = (f"nginx {'stream' if self.tcp else 'http'} proxy, explicit listener, "
+                            f"same single route; {tuning}")
 
     STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -532,6 +630,9 @@ class Nginx(Contender):
         return ""
 
     def unavailable(self):
+        why = super().unavailable()
+        if why:
+            return why
         if self.load_module() and not os.path.exists(self.STREAM_MODULE):
             return (f"nginx stream module not installed ({self.STREAM_MODULE}; Debian: "
                     "apt-get install libnginx-mod-stream)")
@@ -561,7 +662,8 @@ class Nginx(Contender):
     keepalive_timeout 600s;
   }}
   server {{
-    listen 127.0.0.1:{self.port} backlog=4096;
+    {upstream.h2c_listen(f"127.0.0.1:{self.port}") if self.mode == "h2" else
+     f"listen 127.0.0.1:{self.port} backlog=4096;"}
     location / {{
       proxy_pass http://web;
       proxy_http_version 1.1;
@@ -602,15 +704,29 @@ events {{ worker_connections {min(30000, nofile_hard())}; }}
 
 
 def all_contenders():
-    """Every contender, in run order. Add new isthmus modes (HTTP, mTLS) here."""
+    """Every contender, in run order. Add new isthmus modes (HTTP, mTLS) here.
+
+    The TCP rows declare the web port `protocol: TCP` (name `tcp-web`): the sidecar relays it
+    as L4 (and the harness checks it counted no HTTP request). The HTTP rows declare it
+    `protocol: HTTP` (`http-web`): the sidecar parses HTTP/1.1, routes per request, pools
+    upstream connections and counts istio_requests_total (checked against the load
+    generator's count). The h2 rows run the h2 workload (h2load) instead of the HTTP/1.1 grid."""
     return [
         Direct(),
-        Isthmus("isthmus-1hop", "one-hop", "io-uring"),
-        Isthmus("isthmus-1hop-epoll", "one-hop", "epoll"),
-        Isthmus("isthmus-2hop", "two-hop", "io-uring"),
-        Isthmus("isthmus-explicit", "explicit", "io-uring"),
+        Isthmus("isthmus-1hop", "one-hop", "io-uring", protocol="TCP"),
+        Isthmus("isthmus-1hop-epoll", "one-hop", "epoll", protocol="TCP"),
+        Isthmus("isthmus-2hop", "two-hop", "io-uring", protocol="TCP"),
+        Isthmus("isthmus-explicit", "explicit", "io-uring", protocol="TCP"),
         HAProxy("tcp"),
         Nginx("stream"),
+        Isthmus("isthmus-http-1hop", "one-hop", "io-uring", protocol="HTTP"),
+        Isthmus("isthmus-http-2hop", "two-hop", "io-uring", protocol="HTTP"),
+        Isthmus("isthmus-http-explicit", "explicit", "io-uring", protocol="HTTP"),
         HAProxy("http"),
         Nginx("http"),
+        DirectH2(),
+        Isthmus("isthmus-h2-1hop", "one-hop", "io-uring", protocol="HTTP2",
+                target_port=T.H2_PORT),
+        HAProxy("h2"),
+        Nginx("h2"),
     ]

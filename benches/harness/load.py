@@ -4,6 +4,7 @@ status 200 and a body of exactly 1024 bytes."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -176,4 +177,175 @@ def run_wrk(ns, url, conns, duration, proxy_pids, loadgen_cpus, threads=1):
                              f"; {good} of {total} verified")
     if errors:
         s["problems"].append(f"errors: {errors}")
+    return s
+
+
+# ---------------------------------------------------------------- h2 (h2load)
+
+H2_SUMMARY = {
+    "requests": re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                           r"(\d+) failed, (\d+) errored, (\d+) timeout"),
+    "codes": re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx"),
+    "traffic": re.compile(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data"),
+    "finished": re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s"),
+}
+
+
+def parse_h2load(text):
+    """h2load's summary → {total, started, done, succeeded, failed, errored, timeout, 2xx, 3xx,
+    4xx, 5xx, data_bytes, header_bytes, seconds}; {} if there is none."""
+    out = {}
+    m = H2_SUMMARY["requests"].search(text)
+    if not m:
+        return out
+    out.update(zip(("total", "started", "done", "succeeded", "failed", "errored", "timeout"),
+                   map(int, m.groups())))
+    m = H2_SUMMARY["codes"].search(text)
+    if m:
+        out.update(zip(("2xx", "3xx", "4xx", "5xx"), map(int, m.groups())))
+    m = H2_SUMMARY["traffic"].search(text)
+    if m:
+        out["total_bytes"], out["header_bytes"], out["data_bytes"] = map(int, m.groups())
+    m = H2_SUMMARY["finished"].search(text)
+    if m:
+        out["seconds"] = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+    return out
+
+
+def h2_preface_probe(ns, host, port, timeout=2.0):
+    """What the listener does with an HTTP/2 prior-knowledge preface: None if it answers with
+    a SETTINGS frame (it speaks h2), else why not (connection refused, answered HTTP/1.x,
+    closed, no answer)."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    try:
+        s = ns.connect((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as e:
+        return f"connect failed: {e}"
+    try:
+        s.settimeout(timeout)
+        s.sendall(preface)
+        data = b""
+        while len(data) < 9:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        return "protocol error: connection reset after the h2 preface"
+    except OSError as e:
+        return f"protocol error: no answer to the h2 preface ({e})"
+    finally:
+        s.close()
+    if len(data) >= 9 and data[3] == 0x04:
+        return None
+    if data.startswith(b"HTTP/"):
+        return ("protocol error: answered the h2 preface with HTTP/1.x ("
+                + data.split(b"\r\n", 1)[0].decode(errors="replace") + ")")
+    if not data:
+        return "protocol error: connection closed after the h2 preface"
+    return f"protocol error: answered the h2 preface with {data[:16]!r}"
+
+
+def h2_verify(ns, url, n=4):
+    """Raises Unsupported unless n requests over one h2 connection (prior knowledge) all
+    succeed with a 2xx status and the 1 KiB body. The reason says what went wrong."""
+    from urllib.parse import urlsplit
+    from .contenders import Unsupported
+    u = urlsplit(url)
+    why = h2_preface_probe(ns, u.hostname, u.port)
+    if why:
+        raise Unsupported(why)
+    out = tempfile.NamedTemporaryFile(prefix="h2verify-", suffix=".out", delete=False)
+    out.close()
+    with open(out.name, "wb") as f:
+        p = ns.spawn("h2load-verify", ["h2load", "-n", str(n), "-c", "1", "-m", "2", url],
+                     stdout=f)
+    p.wait_rusage(timeout=20)
+    with open(out.name, errors="replace") as f:
+        text = f.read()
+    os.unlink(out.name)
+    summ = parse_h2load(text)
+    if (summ.get("succeeded") != n or summ.get("2xx") != n
+            or summ.get("data_bytes") != n * BODY_LEN):
+        lines = [x for x in text.splitlines() if x.startswith(("requests:", "status codes:"))]
+        raise Unsupported(f"h2 requests failed: {'; '.join(lines) or repr(text[-300:])}; "
+                          f"{summ.get('data_bytes', 0)} body bytes for {n} requests")
+
+
+def _percentile(sorted_xs, p):
+    if not sorted_xs:
+        return None
+    k = min(len(sorted_xs) - 1, max(0, int(round(p / 100.0 * len(sorted_xs) + 0.5)) - 1))
+    return sorted_xs[k]
+
+
+def run_h2load(ns, url, clients, streams, duration, proxy_pids, loadgen_cpus, rps=None):
+    """h2load -t1 -c CLIENTS -m STREAMS -D DURATION [--rps RPS/CLIENTS]: many streams on few
+    connections. With rps, each client sends at RPS/CLIENTS requests per second and every
+    request is logged (--log-file: status, µs to the end of the response) for percentiles and
+    the exact status of each; without, max throughput (no log: it would cost the generator's
+    core). Verified: no failed/errored/timed-out request, every one 2xx (200 with the log),
+    and data bytes = 1024 × responses."""
+    log_path = None
+    argv = ["h2load", "-t", "1", "-c", str(clients), "-m", str(streams),
+            "-D", str(max(1, round(duration)))]
+    if rps:
+        per = max(1, round(rps / clients))
+        argv += ["--rps", str(per)]
+        log = tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".tsv", delete=False)
+        log.close()
+        log_path = log.name
+        argv += ["--log-file", log_path]
+    argv.append(url)
+    rc, text, wall, lg_cpu, lg_core, proxy_cpu, proc = _measure(
+        ns, argv, proxy_pids, loadgen_cpus, duration, "h2load")
+    summ = parse_h2load(text)
+    s = Sample(tool="h2load", rate=rps, conns=clients, streams=streams, duration=duration,
+               problems=[], wall=wall, summary=summ)
+    done = summ.get("done", 0)
+    lat = []
+    codes = {}
+    if log_path:
+        try:
+            with open(log_path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3:
+                        codes[parts[1]] = codes.get(parts[1], 0) + 1
+                        lat.append(int(parts[2]) / 1000.0)
+        finally:
+            os.unlink(log_path)
+    lat.sort()
+    secs = summ.get("seconds") or wall
+    s.update(requests=done, ok=summ.get("succeeded", 0),
+             errors={k: summ[k] for k in ("failed", "errored", "timeout") if summ.get(k)},
+             codes=codes or {"2xx": summ.get("2xx", 0)},
+             p50=_percentile(lat, 50), p90=_percentile(lat, 90), p99=_percentile(lat, 99),
+             p999=_percentile(lat, 99.9), rps=done / secs if secs else 0,
+             loadgen_cpu=lg_cpu / wall, loadgen_core=lg_core, proxy_cpu=proxy_cpu)
+    _common_checks(s, rc, proc)
+    if not summ:
+        s["problems"].append(f"h2load output unreadable: {text[-300:]!r}")
+        return s
+    if s["errors"]:
+        s["problems"].append(f"h2load: {s['errors']}")
+    # A response whose head arrived before the end but whose body did not counts as 2xx, not
+    # as done: 2xx may exceed done by the requests in flight.
+    if (summ.get("succeeded") != done
+            or not done <= summ.get("2xx", 0) <= summ.get("started", done)):
+        s["problems"].append(f"{summ.get('2xx')} 2xx, {summ.get('succeeded')} succeeded of "
+                             f"{done} responses")
+    if log_path and (codes.get("200", 0) != len(lat) or len(lat) != done):
+        s["problems"].append(f"logged statuses {codes} for {done} responses")
+    # Body bytes: exactly 1024 per response, plus at most the partial bodies of the requests
+    # still in flight when the duration ended.
+    extra = summ.get("data_bytes", 0) - done * BODY_LEN
+    in_flight = summ.get("started", 0) - done
+    if extra < 0 or extra >= max(1, in_flight) * BODY_LEN:
+        s["problems"].append(f"data bytes {summ.get('data_bytes')} != {done} × {BODY_LEN}"
+                             f" (+ < {in_flight} partial)")
+    if rps and done < 0.9 * rps * duration:
+        s["problems"].append(f"only {done} of {rps * duration:.0f} requests (rate not held)")
     return s

@@ -10,7 +10,6 @@ import time
 from . import load
 from . import topology as T
 from . import upstream
-from .contenders import registry_files
 from .ns import (proc_allowed_cpus, proc_cpu_seconds, proc_pss_bytes, proc_rss_bytes,
                  proc_unique_bytes)
 
@@ -35,6 +34,13 @@ class Plan:
         self.idle_conns = [1000, 10000]
         self.reload = True
         self.reload_rounds = 3
+        # The h2 workload (h2load, prior knowledge): many streams on few connections. A fixed
+        # rate (h2load --rps per connection) for latency and CPU per request, and max
+        # throughput; the same durations as the HTTP/1.1 cells.
+        self.h2_rate = 1000
+        self.h2_conns = 4
+        self.h2_streams = 8
+        self.h2_max_streams = 32
         self.__dict__.update(kw)
 
     def grid(self):
@@ -47,7 +53,8 @@ class Plan:
     @staticmethod
     def smoke():
         return Plan(rounds=1, cells=[(500, 16)], duration=2, warmup=0, maxrps_duration=2,
-                    bulk_bytes=64 << 20, routes=[1000], idle_conns=[200], reload_rounds=1)
+                    bulk_bytes=64 << 20, routes=[1000], idle_conns=[200], reload_rounds=1,
+                    h2_rate=500)
 
     @staticmethod
     def full():
@@ -67,6 +74,11 @@ class Results:
         self.skipped = []  # [(name, why)]
         self.cpu_notes = {}  # contender -> why its CPU placement is not one core per proxy
         self.configs = {}  # peer -> the config file it ran with (as written)
+        self.h2 = {}  # (contender, "rate" | "max") -> [Sample]
+        # (contender, what) -> [{"requests": generator's count, "conns", "counted": {pod: n}}]:
+        # istio_requests_total deltas over each load run of an isthmus contender
+        self.counts = {}
+        self.notes = []  # findings that do not invalidate a run (listed under Validity)
 
     def add(self, table, key, value):
         table.setdefault(key, []).append(value)
@@ -106,9 +118,50 @@ def bulk(ctx, c, nbytes):
     return r
 
 
+def counted(results, c, what, run):
+    """Runs run() (a load run returning a Sample) and, for a proxy that counts Istio request
+    metrics, checks istio_requests_total on every sidecar against the generator's count: an
+    HTTP-declared port must count every request (a sidecar that counted none relayed TCP: the
+    run is not what it claims and is invalid); a TCP-declared port must count none."""
+    before = c.request_counts()
+    s = run()
+    if before is None:
+        return s
+    after = c.request_counts()
+    got = {pod: (None if before.get(pod) is None or after.get(pod) is None
+                 else after[pod] - before[pod]) for pod in after}
+    n = s.get("requests", 0)
+    http = getattr(c, "protocol", "TCP") != "TCP"
+    results.add(results.counts, (c.name, what), {
+        "requests": n, "conns": s.get("conns"), "streams": s.get("streams"), "counted": got,
+        "declared": getattr(c, "protocol", "TCP")})
+    s["proxy_counted"] = got
+    for i, (pod, k) in enumerate(got.items()):
+        if k is None:
+            results.notes.append(f"{c.name} {what}: the {pod} sidecar's metrics did not answer")
+        elif not http and k:
+            s["problems"].append(f"the {pod} sidecar counted {k} HTTP requests on a port "
+                                 "declared TCP (not an L4 relay)")
+        elif http and n and k == 0:
+            msg = (f"the {pod} sidecar counted no request (istio_requests_total unchanged "
+                   f"for {n} requests): it relayed TCP, not HTTP")
+            if i == 0:
+                s["problems"].append(msg)
+            else:
+                results.notes.append(f"{c.name} {what}: {msg}")
+        elif http and not n <= k <= n + (s.get("conns") or 0) * (s.get("streams") or 1):
+            # The generator does not count requests still in flight when its duration ends;
+            # the proxy may (at most one per connection, or per stream for h2).
+            results.notes.append(f"{c.name} {what}: the {pod} sidecar counted {k} requests, "
+                                 f"the load generator {n}")
+    return s
+
+
 def run_contender_round(ctx, plan, results, c):
     """Starts c, runs every per-round measure on it, stops it."""
     env = ctx.env
+    if c.workload == "h2":
+        return run_h2_round(ctx, plan, results, c)
     try:
         c.start(env)
         c.verify()
@@ -121,12 +174,14 @@ def run_contender_round(ctx, plan, results, c):
         if plan.warmup:
             run_load(ctx, c, 1000, 16, plan.warmup)
         for rate, conns in plan.grid():
-            s = run_load(ctx, c, rate, conns, plan.duration)
+            s = counted(results, c, f"{rate} rps c={conns}",
+                        lambda: run_load(ctx, c, rate, conns, plan.duration))
             c.check_alive()
             results.add(results.latency, (c.name, rate, conns), s)
             ctx.log(f"    {c.name:20} {rate:5} rps c={conns:<3} " + fmt_sample(s))
         cores = len(proc_allowed_cpus(c.proxy_pids())) or 1
-        s = run_load(ctx, c, None, plan.maxrps_conns, plan.maxrps_duration, closed_loop=True)
+        s = counted(results, c, "max rps", lambda: run_load(
+            ctx, c, None, plan.maxrps_conns, plan.maxrps_duration, closed_loop=True))
         # Closed loop: the generator is meant to be the limit or near it; note, don't reject.
         s["saturated"] = [p for p in s["problems"] if "saturated" in p]
         s["problems"] = [p for p in s["problems"] if "saturated" not in p]
@@ -145,6 +200,66 @@ def run_contender_round(ctx, plan, results, c):
         c.check_alive()
     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
         results.failures.append((c.name, "round", f"{type(e).__name__}: {e}"))
+        ctx.log(f"    {c.name}: FAILED: {e}")
+    finally:
+        c.stop()
+
+
+def run_h2_round(ctx, plan, results, c):
+    """The h2 workload on c: h2load at a fixed rate (plan.h2_rate over plan.h2_conns
+    connections × plan.h2_streams streams), then max throughput (× plan.h2_max_streams)."""
+    from .contenders import Unsupported
+    env = ctx.env
+    try:
+        c.start(env)
+        try:
+            before = c.request_counts()
+            c.verify()
+            after = c.request_counts()
+            if before and after and c.pods and after[c.pods[0]] == before[c.pods[0]]:
+                # It answered, but as a TCP relay (the upstream speaks h2 itself): not the
+                # proxy's h2 path.
+                raise Unsupported("the port declared HTTP2 was relayed as TCP: "
+                                  "istio_requests_total unchanged after the h2 requests")
+        except Unsupported as e:
+            c.check_alive()  # a proxy that died on h2 is a failure, not a skip
+            if not c.skip_if_unsupported:
+                raise RuntimeError(f"h2 verification failed: {e}") from None
+            why = f"not supported by this build ({e})"
+            c.unsupported = why
+            results.skipped.append((c.name, why))
+            results.contenders = [x for x in results.contenders if x[0] != c.name]
+            ctx.log(f"    SKIPPED {c.name}: {why}")
+            return
+        if getattr(c, "config_text", None):
+            results.configs.setdefault(c.name, c.config_text)
+        if isinstance(getattr(c, "backend_seen", None), dict) and c.backend_seen:
+            results.backends[c.name] = dict(c.backend_seen)
+        ns, url, pids = c.client(), c.url(), c.proxy_pids()
+        if plan.warmup:
+            load.run_h2load(ns, url, plan.h2_conns, plan.h2_streams, plan.warmup, pids,
+                            ctx.loadgen_cpus, rps=plan.h2_rate)
+        s = counted(results, c, "h2 rate", lambda: load.run_h2load(
+            ns, url, plan.h2_conns, plan.h2_streams, plan.duration, pids, ctx.loadgen_cpus,
+            rps=plan.h2_rate))
+        c.check_alive()
+        results.add(results.h2, (c.name, "rate"), s)
+        ctx.log(f"    {c.name:20} h2 {plan.h2_rate} rps {plan.h2_conns}×{plan.h2_streams} "
+                + fmt_sample(s))
+        s = counted(results, c, "h2 max", lambda: load.run_h2load(
+            ns, url, plan.h2_conns, plan.h2_max_streams, plan.maxrps_duration, pids,
+            ctx.loadgen_cpus))
+        s["saturated"] = [p for p in s["problems"] if "saturated" in p]
+        s["problems"] = [p for p in s["problems"] if "saturated" not in p]
+        cores = len(proc_allowed_cpus(pids)) or 1
+        s["proxy_busy"] = s["proxy_cpu"] / s["wall"] / cores if s["wall"] else 0.0
+        c.check_alive()
+        results.add(results.h2, (c.name, "max"), s)
+        ctx.log(f"    {c.name:20} h2 max {plan.h2_conns}×{plan.h2_max_streams}: "
+                f"{s['rps']:.0f} rps proxy cpu {s['proxy_cpu']:.2f}s "
+                + ("OK" if s.valid else str(s["problems"])))
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        results.failures.append((c.name, "h2 round", f"{type(e).__name__}: {e}"))
         ctx.log(f"    {c.name}: FAILED: {e}")
     finally:
         c.stop()
@@ -243,9 +358,9 @@ def memory(ctx, plan, results, contenders):
     same keys with an "_rss" / "_unique" suffix hold RSS / unique pages."""
     from .contenders import Isthmus
     for c in contenders:
-        if c.name in ("direct",) or c.name == "isthmus-2hop":
+        if c.group == "baseline" or c.workload != "h1":
             continue
-        if c.group == "isthmus" and c.mode != "explicit":
+        if isinstance(c, Isthmus) and c.mode != "explicit":
             continue  # capture and explicit share the same process; one is enough
         m = {}
         try:
@@ -260,7 +375,8 @@ def memory(ctx, plan, results, contenders):
                 m["conns"], m["conns_rss"], m["conns_unique"] = _split(
                     hold_connections(ctx, c, plan.idle_conns, ctx.log))
             c.stop()
-            if isinstance(c, Isthmus):
+            if isinstance(c, Isthmus) and c.tcp:
+                # Routes are measured once, on the TCP config (the extra services are TCP).
                 routes = {}
                 for n in [0] + list(plan.routes):
                     c.start(ctx.env, config_kw={"extra_services": n})
@@ -355,9 +471,7 @@ def reload_once(ctx, plan, c, extra_services, duration=4.0, swap_at=1.5):
         t.start()
         time.sleep(swap_at)
         # The new config is written the kubelet way; t0 is the atomic rename.
-        t0, t0_wall = c.config.write(registry_files(
-            c.protocol, extra_services=extra_services, new_route=True,
-            fmt=getattr(c, "registry_format", "yaml")))
+        t0, t0_wall = c.write_config(extra_services=extra_services, new_route=True)
         threads = [ns.thread(poll_route), ns.thread(poll_version)]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (state["answer"] is None
@@ -410,7 +524,9 @@ def _f(v):
 
 def profile(ctx, plan, c, out_path, seconds=4):
     """perf record -g of c's proxy processes under closed-loop load; writes the top of
-    `perf report` to out_path. Returns the path, or None if perf is unavailable."""
+    `perf report` to out_path (flat, by symbol) and the same profile with children (the
+    inclusive cost of each frame, so the HTTP path's own functions show above the syscalls
+    they end in). Returns the path, or None if perf is unavailable."""
     import shutil
     import subprocess
     if not shutil.which("perf"):
@@ -433,17 +549,26 @@ def profile(ctx, plan, c, out_path, seconds=4):
             with open(out_path, "w") as f:
                 f.write(f"perf record failed: {rec.stderr}\n")
             return out_path
-        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
-                              "--sort", "dso,symbol", "--percent-limit", "1", "-g", "none"],
-                             capture_output=True, text=True)
+        def report(*args):
+            r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                                "-g", "none", *args], capture_output=True, text=True)
+            return "\n".join(line.rstrip(" -") for line in r.stdout.splitlines()
+                             if line.strip() and not line.startswith("#"))
+        try:
+            exe = os.path.basename(os.readlink(f"/proc/{c.proxy_pids()[0]}/exe"))
+        except (OSError, IndexError):
+            exe = None
         s = result.get("s") or {}
         with open(out_path, "w") as f:
             f.write(f"# perf profile of {c.name} ({c.description}), closed loop "
                     f"c={plan.maxrps_conns}, {seconds} s; "
                     f"{s.get('rps', 0):.0f} rps, proxy CPU {s.get('proxy_cpu', 0):.2f} s\n")
-            f.write("\n".join(line.rstrip(" -") for line in rep.stdout.splitlines()
-                              if line.strip() and not line.startswith("#")))
-            f.write("\n")
+            f.write(report("--sort", "dso,symbol", "--percent-limit", "1") + "\n")
+            if exe:
+                # The proxy's own code (share of all samples): what its user space spends on.
+                f.write(f"\n# user space of {exe} only (percent of all samples, ≥ 0.3%)\n")
+                f.write(report("--sort", "symbol", "--dsos", exe, "--percent-limit", "0.3")
+                        + "\n")
         return out_path
     finally:
         c.stop()

@@ -2,7 +2,8 @@
 
     cli  10.77.0.10  plain client: direct, explicit proxies (isthmus --explicit, HAProxy, nginx)
     clim 10.77.0.11  meshed client: isthmus-init rules, isthmus sidecar as UID 1337
-    srv  10.77.0.20  plain server: the 1 KiB responder (nginx) and the bulk receiver
+    srv  10.77.0.20  plain server: the 1 KiB responder (nginx; HTTP/1.1 on :8080, cleartext h2
+                     on :8081) and the bulk receiver
     srvm 10.77.0.21  meshed server: the same, plus isthmus-init and an inbound sidecar
 
 Every contender crosses the same bridge once; the proxies run on the client side (as a
@@ -26,6 +27,7 @@ VIP_ONE = "10.96.0.10"  # endpoint srv  (one hop: client sidecar only)
 VIP_TWO = "10.96.0.11"  # endpoint srvm (two hops: client and server sidecars)
 VIP_NEW = "10.96.0.99"  # appears only with the reload test's new config
 HTTP_PORT = upstream.HTTP_PORT
+H2_PORT = upstream.H2_PORT
 BULK_PORT = upstream.BULK_PORT
 
 
@@ -68,6 +70,7 @@ class Topology:
             self.receivers[pod] = upstream.start_receiver(self.ns[pod], upstream_cpus)
         for pod in ("srv", "srvm"):
             upstream.wait_listening(self.ns[pod], PODS[pod], HTTP_PORT)
+            upstream.wait_listening(self.ns[pod], PODS[pod], H2_PORT)
             upstream.wait_listening(self.ns[pod], PODS[pod], BULK_PORT)
 
     def pod(self, name):

@@ -7,10 +7,33 @@ import sys
 import time
 
 HTTP_PORT = 8080
+# The same responder over cleartext HTTP/2 with prior knowledge (the h2 workload's upstream).
+H2_PORT = 8081
 BULK_PORT = 9000
 BODY_LEN = 1024
 BODY = ("isthmusbench" * 100)[:BODY_LEN - 1] + "\n"
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helper.py")
+
+
+def nginx_version():
+    """(major, minor, patch) of the installed nginx, (0, 0, 0) if unknown."""
+    import re
+    import subprocess
+    try:
+        r = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0, 0)
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", r.stdout + r.stderr)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
+def h2c_listen(addr):
+    """nginx directives for a cleartext HTTP/2 (prior knowledge) listener on addr: `listen
+    ADDR http2;` before nginx 1.25.1, `listen ADDR; http2 on;` from 1.25.1 on (the listen
+    parameter is deprecated there)."""
+    if nginx_version() >= (1, 25, 1):
+        return f"listen {addr} backlog=4096; http2 on;"
+    return f"listen {addr} http2 backlog=4096;"
 
 
 def start_responder(ns, work_dir, cpus):
@@ -32,6 +55,13 @@ http {{
   client_header_timeout 600s;
   server {{
     listen {HTTP_PORT} backlog=4096;
+    location / {{
+      default_type application/octet-stream;
+      return 200 "{BODY}";
+    }}
+  }}
+  server {{
+    {h2c_listen(H2_PORT)}
     location / {{
       default_type application/octet-stream;
       return 200 "{BODY}";
