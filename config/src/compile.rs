@@ -2,7 +2,7 @@
 //! subsets, ports, weights) is checked here, off the data path, so that a snapshot that exists
 //! is one the proxy can serve.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use crate::error::{ConfigError, Issue};
 use crate::parse::{Document, Resource};
 use crate::snapshot::{
     Cluster, Endpoint, L4Match, Labels, OutboundPolicy, Protocol, Service, ServicePort, Snapshot,
-    TcpRoute, Text, WeightedCluster,
+    TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
 };
 use crate::wire::OutboundMode;
 use crate::CLUSTER_DOMAIN;
@@ -31,20 +31,50 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
     c.check_unique_names(&documents);
     let policy = c.outbound_policy(&documents);
     let registry = c.registry(&documents);
-    let subsets = c.subsets(&documents, &registry);
+    let (subsets, policies) = c.subsets(&documents, &registry);
     let routes = c.virtual_services(&documents, &registry, &subsets);
     if !c.issues.is_empty() {
         return Err(ConfigError::Invalid(c.issues));
     }
-    let mut routes = routes;
+    let Routes {
+        tcp: mut routes,
+        http: mut http_routes,
+    } = routes;
     let mut interner = Interner::default();
     let shared: Vec<Shared> = registry
         .services
         .iter()
         .map(|d| Shared::new(d, &mut interner))
         .collect();
-    // Clusters are shared between routes that name the same (service, port, subset).
+    // Clusters are shared between routes that name the same (service, port, subset); most
+    // have no DestinationRule and share one default policy.
+    let default_policy = Arc::new(TrafficPolicy::default());
     let mut clusters: HashMap<ClusterKey, Arc<Cluster>> = HashMap::new();
+    let mut cluster_for = |key: &ClusterKey| -> Arc<Cluster> {
+        clusters
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let policy = match policies.get(&key.service) {
+                    Some(p) => {
+                        let resolved = p.resolve(key.subset.as_deref(), key.port);
+                        if resolved == *default_policy {
+                            default_policy.clone()
+                        } else {
+                            Arc::new(resolved)
+                        }
+                    }
+                    None => default_policy.clone(),
+                };
+                Arc::new(build_cluster(
+                    &registry.services[key.service],
+                    &shared[key.service],
+                    key,
+                    &subsets,
+                    policy,
+                ))
+            })
+            .clone()
+    };
     let mut services = Vec::with_capacity(registry.services.len());
     for (index, draft) in registry.services.iter().enumerate() {
         let mut ports = Vec::with_capacity(draft.ports.len());
@@ -65,32 +95,42 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
             });
             let mut compiled = Vec::with_capacity(drafts.len());
             for route in drafts {
-                let mut destinations = Vec::with_capacity(route.destinations.len());
-                for (key, weight) in route.destinations {
-                    let cluster = clusters
-                        .entry(key.clone())
-                        .or_insert_with(|| {
-                            Arc::new(build_cluster(
-                                &registry.services[key.service],
-                                &shared[key.service],
-                                &key,
-                                &subsets,
-                            ))
-                        })
-                        .clone();
-                    destinations.push(WeightedCluster { cluster, weight });
-                }
+                let destinations = route
+                    .destinations
+                    .iter()
+                    .map(|(key, weight)| WeightedCluster {
+                        cluster: cluster_for(key),
+                        weight: *weight,
+                    })
+                    .collect();
                 compiled.push(TcpRoute::new(
                     route.matches,
                     destinations,
                     route.virtual_service,
                 ));
             }
+            let http = if L7::of(port.protocol) == L7::Opaque {
+                Vec::new()
+            } else {
+                let mut drafts = http_routes
+                    .remove(&(index, port.number))
+                    .unwrap_or_default();
+                drafts.push(http::HttpRouteDraft::catch_all(ClusterKey {
+                    service: index,
+                    port: port.number,
+                    subset: None,
+                }));
+                drafts
+                    .into_iter()
+                    .map(|d| d.build(&mut cluster_for))
+                    .collect()
+            };
             ports.push(ServicePort {
                 number: port.number,
                 name: interner.get(&port.name),
                 protocol: port.protocol,
                 routes: compiled,
+                http_routes: http,
             });
         }
         services.push(Arc::new(Service {
@@ -160,7 +200,8 @@ fn build_cluster(
     service: &ServiceDraft,
     shared: &Shared,
     key: &ClusterKey,
-    subsets: &HashMap<(usize, String), BTreeMap<String, String>>,
+    subsets: &SubsetMap,
+    policy: Arc<TrafficPolicy>,
 ) -> Cluster {
     let selector = key
         .subset
@@ -196,7 +237,26 @@ fn build_cluster(
         key.subset.clone(),
         endpoints,
         service.passthrough,
+        policy,
     )
+}
+
+/// Subset labels by (service, subset name).
+type SubsetMap = HashMap<(usize, String), BTreeMap<String, String>>;
+
+/// A validated `destination`: the service, an explicit port, a subset.
+#[derive(Debug, Clone)]
+struct DestRef {
+    service: usize,
+    port: Option<u16>,
+    subset: Option<String>,
+}
+
+/// Routes of every (service index, port), from the VirtualServices.
+#[derive(Default)]
+struct Routes {
+    tcp: HashMap<(usize, u16), Vec<RouteDraft>>,
+    http: HashMap<(usize, u16), Vec<http::HttpRouteDraft>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -216,7 +276,8 @@ struct RouteDraft {
 struct PortDraft {
     number: u16,
     name: String,
-    protocol: Protocol,
+    /// Declared, or implied by the name; `None`: detected per connection.
+    protocol: Option<Protocol>,
     target_port: u16,
 }
 
@@ -248,15 +309,34 @@ struct Registry {
 #[derive(Default)]
 struct Compiler {
     issues: Vec<Issue>,
+    seen: HashSet<Issue>,
 }
 
 impl Compiler {
     fn issue(&mut self, doc: &Document, field: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(Issue {
+        let issue = Issue {
             location: doc.location(),
             field: field.into(),
             message: message.into(),
-        });
+        };
+        // A rule instantiated for several ports reports the same problem once.
+        if self.seen.insert(issue.clone()) {
+            self.issues.push(issue);
+        }
+    }
+
+    /// `exportTo`: visibility across namespaces. The controller applies it when it assembles a
+    /// sidecar's config; here the values are only checked (`.`, `*`, `~` or a namespace).
+    fn export_to(&mut self, doc: &Document, export_to: &[String]) {
+        for (i, ns) in export_to.iter().enumerate() {
+            if !matches!(ns.as_str(), "." | "*" | "~") && !matching::is_dns_label(ns) {
+                self.issue(
+                    doc,
+                    format!("spec.exportTo[{i}]"),
+                    format!("`{ns}` is not `.`, `*`, `~` or a namespace name"),
+                );
+            }
+        }
     }
 
     fn check_unique_names(&mut self, documents: &[Document]) {
@@ -312,6 +392,11 @@ impl Compiler {
     }
 }
 
+mod http;
+#[cfg(test)]
+mod http_tests;
+mod matching;
+mod policy;
 mod registry;
 mod routing;
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub enum ConfigError {
 }
 
 /// One problem in one document.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Issue {
     /// `file.yaml`, `file.yaml: document 2` or `file.yaml: VirtualService default/reviews`.
     pub location: String,

@@ -7,6 +7,7 @@
 //! reads a ConfigMap directory the way kubelet lays it out.
 
 pub mod compile;
+pub mod duration;
 pub mod error;
 pub mod net;
 pub mod parse;
@@ -18,8 +19,12 @@ pub use compile::compile;
 pub use error::{ConfigError, Issue};
 pub use net::IpNet;
 pub use snapshot::{
-    Cluster, Endpoint, L4Match, Labels, OutboundPolicy, Protocol, Service, ServicePort, Snapshot,
-    TcpRoute, Text, WeightedCluster,
+    Abort, Cluster, ConnectionPool, ConsistentHash, CorsPolicy, DerivePort, Endpoint, Fault,
+    FaultAbort, FaultDelay, H2Upgrade, HashAlgorithm, HashKey, HeaderMatch, HeaderOps, HttpAction,
+    HttpDestination, HttpMatch, HttpRoute, L4Match, Labels, LoadBalancer, Mirror, OutboundPolicy,
+    OutlierDetection, Protocol, Redirect, RetryBudget, RetryOn, RetryPolicy, Rewrite, Service,
+    ServicePort, Snapshot, StringMatch, TcpKeepalive, TcpRoute, Text, TrafficPolicy,
+    WeightedCluster, L7,
 };
 pub use source::SourceFile;
 

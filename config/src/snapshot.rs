@@ -1,7 +1,7 @@
 //! The compiled config: immutable after [`crate::compile`], indexed for the data path's
 //! lookups (original destination → service port), shared across cores behind an `Arc`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +10,20 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::net::IpNet;
+use crate::CLUSTER_DOMAIN;
+
+mod http;
+mod policy;
+
+pub use http::{
+    Abort, CorsPolicy, DerivePort, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOps,
+    HttpAction, HttpDestination, HttpMatch, HttpRoute, Mirror, Redirect, RetryOn, RetryPolicy,
+    Rewrite, StringMatch,
+};
+pub use policy::{
+    ConnectionPool, ConsistentHash, H2Upgrade, HashAlgorithm, HashKey, LoadBalancer,
+    OutlierDetection, RetryBudget, TcpKeepalive, TrafficPolicy,
+};
 
 /// What happens to outbound traffic whose destination is not in the registry (Istio's
 /// `outboundTrafficPolicy.mode`).
@@ -27,6 +41,12 @@ pub struct Snapshot {
     version: String,
     services: Vec<Arc<Service>>,
     by_address: HashMap<SocketAddr, (usize, usize)>,
+    /// Lowercased host → service, for HTTP routing by `Host`/`:authority`.
+    by_host: HashMap<Box<str>, usize>,
+    /// `name` → services whose host is `name.<ns>.svc.<domain>`, for short names.
+    by_short_name: HashMap<Box<str>, Vec<usize>>,
+    /// Port numbers some service serves HTTP (or sniffs) on.
+    http_ports: HashSet<u16>,
     outbound_policy: OutboundPolicy,
 }
 
@@ -37,17 +57,38 @@ impl Snapshot {
         outbound_policy: OutboundPolicy,
     ) -> Self {
         let mut by_address = HashMap::new();
+        let mut by_host = HashMap::new();
+        let mut by_short_name: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut http_ports = HashSet::new();
+        let kube_suffix = format!(".{CLUSTER_DOMAIN}");
         for (s, service) in services.iter().enumerate() {
             for (p, port) in service.ports.iter().enumerate() {
                 for ip in &service.addresses {
                     by_address.insert(SocketAddr::new(*ip, port.number), (s, p));
                 }
+                if port.l7() != L7::Opaque {
+                    http_ports.insert(port.number);
+                }
+            }
+            for host in &service.hosts {
+                let host = host.to_ascii_lowercase();
+                if let Some((name, _ns)) = host
+                    .strip_suffix(&kube_suffix)
+                    .and_then(|rest| rest.split_once('.'))
+                    .filter(|(_, ns)| !ns.contains('.'))
+                {
+                    by_short_name.entry(name.into()).or_default().push(s);
+                }
+                by_host.insert(host.into_boxed_str(), s);
             }
         }
         Snapshot {
             version,
             services,
             by_address,
+            by_host,
+            by_short_name,
+            http_ports,
             outbound_policy,
         }
     }
@@ -81,6 +122,62 @@ impl Snapshot {
         Some((service, &service.ports[p]))
     }
 
+    /// The service and HTTP-capable port a request's `Host` (or `:authority`) names, as Envoy's
+    /// virtual hosts match it in Istio: case-insensitive, an optional `:port` that must be
+    /// `port`, a trailing dot ignored; the fully qualified name, or a Kubernetes short form
+    /// (`name.ns.svc`, `name.ns`, and `name` in `client_namespace` or, when that is unknown,
+    /// in the one namespace that has such a service). Ports declared opaque (TCP, TLS, ...)
+    /// are not HTTP-routed.
+    pub fn http_service(
+        &self,
+        host: &str,
+        port: u16,
+        client_namespace: Option<&str>,
+    ) -> Option<(&Arc<Service>, &ServicePort)> {
+        let (name, host_port) = split_host_port(host)?;
+        if host_port.is_some_and(|p| p != port) {
+            return None;
+        }
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let index = self.resolve_host(&name, client_namespace)?;
+        let service = &self.services[index];
+        let sp = service
+            .ports
+            .iter()
+            .find(|p| p.number == port && p.l7() != L7::Opaque)?;
+        Some((service, sp))
+    }
+
+    /// Whether some service serves HTTP (or an unspecified protocol) on `port`: a connection
+    /// to an address outside the VIP table on such a port may be HTTP to one of them.
+    pub fn has_http_hosts_on(&self, port: u16) -> bool {
+        self.http_ports.contains(&port)
+    }
+
+    fn resolve_host(&self, name: &str, client_namespace: Option<&str>) -> Option<usize> {
+        if let Some(&s) = self.by_host.get(name) {
+            return Some(s);
+        }
+        let qualified = match name.split('.').count() {
+            1 => match client_namespace {
+                Some(ns) => format!("{name}.{ns}.{CLUSTER_DOMAIN}"),
+                None => {
+                    return match self.by_short_name.get(name).map(Vec::as_slice) {
+                        Some([only]) => Some(*only),
+                        _ => None,
+                    }
+                }
+            },
+            2 => format!("{name}.{CLUSTER_DOMAIN}"),
+            // `name.ns.svc` + the rest of the cluster domain.
+            3 if name.ends_with(".svc") => {
+                format!("{name}{}", CLUSTER_DOMAIN.strip_prefix("svc").unwrap_or(""))
+            }
+            _ => return None,
+        };
+        self.by_host.get(qualified.as_str()).copied()
+    }
+
     /// Carries the balancers' positions over from `previous`, the snapshot this one replaces:
     /// a cluster whose endpoints did not change, and a route whose destinations did not
     /// change, continue their round robin where they were. Everything else starts at an offset
@@ -89,6 +186,7 @@ impl Snapshot {
     pub fn continue_balancing(&self, previous: &Snapshot, seed: u64) {
         let mut old_clusters: HashMap<&str, &Cluster> = HashMap::new();
         let mut old_routes: HashMap<(SocketAddr, usize), &TcpRoute> = HashMap::new();
+        let mut old_http: HashMap<(&str, u16, usize), &HttpRoute> = HashMap::new();
         for (&addr, &(s, p)) in &previous.by_address {
             for (r, route) in previous.services[s].ports[p].routes.iter().enumerate() {
                 old_routes.insert((addr, r), route);
@@ -97,10 +195,27 @@ impl Snapshot {
                 }
             }
         }
+        for service in &previous.services {
+            for port in &service.ports {
+                for (r, route) in port.http_routes.iter().enumerate() {
+                    old_http.insert((service.host(), port.number, r), route);
+                    for cluster in route.clusters() {
+                        old_clusters.insert(&cluster.name, cluster);
+                    }
+                }
+            }
+        }
         let offset = |name: &str| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (seed, name).hash(&mut h);
             h.finish() as usize
+        };
+        let continue_cluster = |cluster: &Cluster| {
+            let start = match old_clusters.get(&*cluster.name) {
+                Some(old) if old.same_endpoints(cluster) => old.ticket.load(Ordering::Relaxed),
+                _ => offset(&cluster.name),
+            };
+            cluster.ticket.store(start, Ordering::Relaxed);
         };
         for (&addr, &(s, p)) in &self.by_address {
             for (r, route) in self.services[s].ports[p].routes.iter().enumerate() {
@@ -110,14 +225,24 @@ impl Snapshot {
                 };
                 route.ticket.store(start, Ordering::Relaxed);
                 for d in &route.destinations {
-                    let cluster = &d.cluster;
-                    let start = match old_clusters.get(&*cluster.name) {
-                        Some(old) if old.same_endpoints(cluster) => {
+                    continue_cluster(&d.cluster);
+                }
+            }
+        }
+        for service in &self.services {
+            for port in &service.ports {
+                for (r, route) in port.http_routes.iter().enumerate() {
+                    let key = (service.host(), port.number, r);
+                    let start = match old_http.get(&key) {
+                        Some(old) if old.same_destinations(route) => {
                             old.ticket.load(Ordering::Relaxed)
                         }
-                        _ => offset(&cluster.name),
+                        _ => offset(&format!("http/{}/{}/{r}", key.0, key.1)),
                     };
-                    cluster.ticket.store(start, Ordering::Relaxed);
+                    route.ticket.store(start, Ordering::Relaxed);
+                    for cluster in route.clusters() {
+                        continue_cluster(cluster);
+                    }
                 }
             }
         }
@@ -163,8 +288,10 @@ impl Service {
             "ports": self.ports.iter().map(|p| json!({
                 "number": p.number,
                 "name": p.name.as_ref(),
-                "protocol": p.protocol.as_str(),
+                "protocol": p.protocol.map(Protocol::as_str),
+                "l7": format!("{:?}", p.l7()),
                 "routes": p.routes.iter().map(TcpRoute::dump).collect::<Vec<_>>(),
+                "httpRoutes": p.http_routes.iter().map(HttpRoute::dump).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
     }
@@ -174,10 +301,53 @@ impl Service {
 pub struct ServicePort {
     pub number: u16,
     pub name: Text,
-    pub protocol: Protocol,
-    /// Routes in order; the first whose match accepts the connection wins. The last one is
+    /// The declared `protocol`, else the one the port name implies (Istio's protocol
+    /// selection: `http-web`, `grpc`, ...); `None`: unspecified, detected per connection.
+    pub protocol: Option<Protocol>,
+    /// TCP routes in order; the first whose match accepts the connection wins. The last one is
     /// always a catch-all.
     pub routes: Vec<TcpRoute>,
+    /// HTTP routes in order, for ports whose [`ServicePort::l7`] is not opaque; the first whose
+    /// match accepts the request wins. The last one is always a catch-all to the port's own
+    /// cluster with Istio's default retry policy. Empty on opaque ports.
+    pub http_routes: Vec<HttpRoute>,
+}
+
+/// How the proxy treats a port's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L7 {
+    /// Declared TCP, TLS, HTTPS, MONGO, MYSQL or REDIS: bytes relayed as they are.
+    Opaque,
+    /// Declared HTTP: HTTP/1.1 (an HTTP/2 prior-knowledge client is still served).
+    Http1,
+    /// Declared HTTP2, GRPC or GRPC-Web: HTTP/2 upstream.
+    Http2,
+    /// Unspecified: sniff HTTP/1, HTTP/2 or opaque per connection.
+    Detect,
+}
+
+impl ServicePort {
+    pub fn l7(&self) -> L7 {
+        L7::of(self.protocol)
+    }
+}
+
+impl L7 {
+    pub fn of(protocol: Option<Protocol>) -> L7 {
+        match protocol {
+            None => L7::Detect,
+            Some(Protocol::Http) => L7::Http1,
+            Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb) => L7::Http2,
+            Some(
+                Protocol::Tcp
+                | Protocol::Tls
+                | Protocol::Https
+                | Protocol::Mongo
+                | Protocol::Mysql
+                | Protocol::Redis,
+            ) => L7::Opaque,
+        }
+    }
 }
 
 /// The port protocols Istio accepts (case-insensitive in YAML).
@@ -189,6 +359,7 @@ pub enum Protocol {
     Http2,
     Https,
     Grpc,
+    GrpcWeb,
     Mongo,
     Mysql,
     Redis,
@@ -203,11 +374,26 @@ impl Protocol {
             "HTTP2" => Protocol::Http2,
             "HTTPS" => Protocol::Https,
             "GRPC" => Protocol::Grpc,
+            "GRPC-WEB" => Protocol::GrpcWeb,
             "MONGO" => Protocol::Mongo,
             "MYSQL" => Protocol::Mysql,
             "REDIS" => Protocol::Redis,
             _ => return None,
         })
+    }
+
+    /// Istio's protocol selection by port name: `<protocol>[-<suffix>]`, case-insensitive
+    /// (`http`, `http-web`, `grpc-api`, `tcp-db`). `grpc-web` as a whole name counts too.
+    pub fn from_port_name(name: &str) -> Option<Protocol> {
+        if name.eq_ignore_ascii_case("grpc-web")
+            || name
+                .get(..9)
+                .is_some_and(|h| h.eq_ignore_ascii_case("grpc-web-"))
+        {
+            return Some(Protocol::GrpcWeb);
+        }
+        let prefix = name.split('-').next().unwrap_or(name);
+        Protocol::parse(prefix)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -218,6 +404,7 @@ impl Protocol {
             Protocol::Http2 => "HTTP2",
             Protocol::Https => "HTTPS",
             Protocol::Grpc => "GRPC",
+            Protocol::GrpcWeb => "GRPC-Web",
             Protocol::Mongo => "MONGO",
             Protocol::Mysql => "MYSQL",
             Protocol::Redis => "REDIS",
@@ -320,10 +507,14 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     /// `resolution: NONE`: no endpoints of its own; connect to the original destination.
     pub passthrough: bool,
+    /// The DestinationRule policy for this cluster, merged and defaulted.
+    pub policy: Arc<TrafficPolicy>,
     ticket: AtomicUsize,
 }
 
 impl Cluster {
+    // One argument per field of a plain record, called from one place (the compiler).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         host: Text,
         service_name: Text,
@@ -332,6 +523,7 @@ impl Cluster {
         subset: Option<String>,
         endpoints: Vec<Endpoint>,
         passthrough: bool,
+        policy: Arc<TrafficPolicy>,
     ) -> Self {
         Cluster {
             name: format!("outbound|{port}|{}|{host}", subset.as_deref().unwrap_or("")).into(),
@@ -342,6 +534,7 @@ impl Cluster {
             subset,
             endpoints,
             passthrough,
+            policy,
             ticket: AtomicUsize::new(0),
         }
     }
@@ -367,6 +560,22 @@ pub struct Endpoint {
     pub weight: u32,
     pub labels: Labels,
     pub service_account: Option<Text>,
+}
+
+/// `host[:port]` → (host, port); IPv6 literals in brackets. `None` for a malformed port.
+fn split_host_port(host: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = host.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']')?;
+        return match tail.strip_prefix(':') {
+            Some(p) => Some((ip, Some(p.parse().ok()?))),
+            None if tail.is_empty() => Some((ip, None)),
+            None => None,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, p)) if !name.contains(':') => Some((name, Some(p.parse().ok()?))),
+        _ => Some((host, None)),
+    }
 }
 
 /// Shared immutable text: names repeated across a snapshot (namespaces, label keys and

@@ -6,6 +6,12 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+mod http;
+mod policy;
+
+pub use http::*;
+pub use policy::*;
+
 /// Kubernetes object metadata. Bookkeeping fields that `kubectl get -o yaml` emits are
 /// accepted so that objects copied from a cluster load unchanged.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -47,6 +53,9 @@ pub struct ServiceEntrySpec {
     pub resolution: Option<Resolution>,
     #[serde(default)]
     pub endpoints: Vec<WorkloadEntry>,
+    /// Visibility across namespaces: applied by the controller (see docs/CONFIG.md).
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,14 +106,22 @@ pub struct WorkloadEntry {
 
 // ---------------------------------------------------------------- VirtualService
 
-/// `networking.istio.io/v1` VirtualService. Only `tcp` routes for now; `http` and `tls` arrive
-/// with HTTP routing and are rejected until then.
+/// `networking.istio.io/v1` VirtualService: `http` and `tcp` routes; `tls` routes arrive with
+/// mTLS and are rejected until then.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VirtualServiceSpec {
+    #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    #[serde(default)]
     pub tcp: Vec<TcpRoute>,
+    /// Visibility across namespaces: applied by the controller (see docs/CONFIG.md).
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,14 +167,19 @@ pub struct PortSelector {
 
 // ---------------------------------------------------------------- DestinationRule
 
-/// `networking.istio.io/v1` DestinationRule: subsets for now; `trafficPolicy` arrives with
-/// HTTP traffic management and mTLS.
+/// `networking.istio.io/v1` DestinationRule: subsets and traffic policies (TLS origination
+/// arrives with mTLS; `workloadSelector` is rejected).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
     pub subsets: Vec<Subset>,
+    /// Visibility across namespaces: applied by the controller (see docs/CONFIG.md).
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +188,8 @@ pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 // ---------------------------------------------------------------- Sidecar

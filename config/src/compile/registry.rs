@@ -68,6 +68,7 @@ impl Compiler {
     ) -> Option<ServiceDraft> {
         let before = self.issues.len();
         let ns = doc.namespace().to_string();
+        self.export_to(doc, &spec.export_to);
         if spec.hosts.is_empty() {
             self.issue(doc, "spec.hosts", "at least one host is required");
         }
@@ -116,11 +117,13 @@ impl Compiler {
                     format!("duplicate port {number}"),
                 );
             }
+            // Istio's protocol selection: the declared protocol, else the port name's prefix,
+            // else unspecified (detected per connection).
             let protocol = match p.protocol.as_deref() {
-                None => Protocol::Tcp,
-                Some(s) => Protocol::parse(s).unwrap_or_else(|| {
-                    self.issue(doc, format!("{field}.protocol"), format!("unknown protocol `{s}` (HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO, MYSQL, REDIS)"));
-                    Protocol::Tcp
+                None => Protocol::from_port_name(&p.name),
+                Some(s) => Protocol::parse(s).or_else(|| {
+                    self.issue(doc, format!("{field}.protocol"), format!("unknown protocol `{s}` (HTTP, HTTPS, HTTP2, GRPC, GRPC-Web, TLS, TCP, MONGO, MYSQL, REDIS)"));
+                    None
                 }),
             };
             let target_port = match p.target_port {
