@@ -398,6 +398,7 @@ mod http_tests;
 mod matching;
 mod policy;
 mod registry;
+mod route_policy;
 mod routing;
 #[cfg(test)]
 mod tests;

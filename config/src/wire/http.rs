@@ -244,6 +244,10 @@ pub struct FaultAbort {
     pub http2_error: Option<String>,
     #[serde(default)]
     pub percentage: Option<Percent>,
+    /// Deprecated integer percentage: gone from Istio's current CRD but still in published
+    /// samples (bookinfo's `virtual-service-ratings-test-abort.yaml`).
+    #[serde(default)]
+    pub percent: Option<i64>,
 }
 
 /// Istio's `Percent`: a double in [0, 100].
