@@ -114,6 +114,15 @@ impl Drop for GrpcServer {
     }
 }
 
+/// A gRPC message as it goes on the wire (uncompressed, length-prefixed), for sending gRPC
+/// with a plain HTTP/2 client such as curl.
+pub fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
 /// One call's outcome, as `grpc_client.py` printed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrpcCall {

@@ -274,12 +274,27 @@ fn grpc_peers_call_each_other_across_namespaces() {
         assert_eq!(codes, ["UNAVAILABLE", "UNAVAILABLE", "OK"]);
         assert_eq!(calls[2].trailing["x-attempt"], "3");
     }
+    // curl speaks it too: HTTP/2 with prior knowledge, the status in the trailers.
+    let r = Curl::new(format!("http://{direct}/isthmus.Test/Echo"))
+        .http2_prior_knowledge()
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(grpc::frame(b"raw"))
+        .run(mesh.pod("outside"))
+        .unwrap();
+    assert_eq!(
+        (r.exit, r.http_version.as_str()),
+        (CurlExit::Ok, "2"),
+        "{r:?}"
+    );
+    assert_eq!(r.trailer("grpc-status"), Some("0"), "{r:?}");
+    assert_eq!(r.body, grpc::frame(b"raw"));
     let count = GrpcClient::new(direct.as_str(), "Count")
         .run(mesh.pod("outside"))
         .unwrap();
     let counts: serde_json::Value =
         serde_json::from_str(count[0].payload.as_deref().unwrap()).unwrap();
-    assert_eq!(counts["total"], 10, "{counts}");
+    assert_eq!(counts["total"], 11, "{counts}");
     assert_eq!(counts["keys"]["k-client"], 3, "{counts}");
 }
 
