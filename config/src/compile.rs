@@ -115,11 +115,16 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
                 let mut drafts = http_routes
                     .remove(&(index, port.number))
                     .unwrap_or_default();
-                drafts.push(http::HttpRouteDraft::catch_all(ClusterKey {
-                    service: index,
-                    port: port.number,
-                    subset: None,
-                }));
+                // Istio: a VirtualService's http rules are the whole route table of its
+                // hosts (no rule matches → 404 NR); only a port no VirtualService routes gets
+                // the implicit route to the whole service.
+                if drafts.is_empty() {
+                    drafts.push(http::HttpRouteDraft::catch_all(ClusterKey {
+                        service: index,
+                        port: port.number,
+                        subset: None,
+                    }));
+                }
                 drafts
                     .into_iter()
                     .map(|d| d.build(&mut cluster_for))

@@ -308,8 +308,9 @@ pub struct ServicePort {
     /// always a catch-all.
     pub routes: Vec<TcpRoute>,
     /// HTTP routes in order, for ports whose [`ServicePort::l7`] is not opaque; the first whose
-    /// match accepts the request wins. The last one is always a catch-all to the port's own
-    /// cluster with Istio's default retry policy. Empty on opaque ports.
+    /// match accepts the request wins; none matching is a 404 `NR`, as in Istio. A port no
+    /// VirtualService routes gets one catch-all route to its own cluster with Istio's default
+    /// retry policy. Empty on opaque ports.
     pub http_routes: Vec<HttpRoute>,
 }
 

@@ -4,11 +4,17 @@
 //! into the connection's prefix buffer; they are classified there and replayed upstream by
 //! the relay (or parsed in place by the HTTP stage) — never read twice, never copied.
 //!
-//! Until HTTP routing lands (issue 7) no port needs detection, so the data path calls
-//! [`Classified::skipped`]; [`sniff`] and [`classify`] are the mechanism it will switch on.
+//! [`plan`] decides per connection whether to read at all: a port declared opaque, a
+//! well-known server-first port, or an unregistered destination with no HTTP service on its
+//! port is never read.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use isthmus_config::{Snapshot, L7};
+
+use crate::serve::Direction;
 
 use crate::runtime::{Elapsed, Runtime, Stream};
 
@@ -75,11 +81,20 @@ pub fn classify(bytes: &[u8]) -> Verdict {
             Verdict::NeedMore
         };
     }
+    // Only the request line decides, and only once it has ended: a version followed by more
+    // bytes on the same line (`HTTP/1.1H`) is not HTTP, whatever TCP's segmenting showed first.
+    let line_end = bytes.iter().position(|&b| b == b'\n');
+    let line = match line_end {
+        Some(end) => &bytes[..=end],
+        None => bytes,
+    };
     let mut headers = [httparse::EMPTY_HEADER; 0];
     let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
+    match request.parse(line) {
         // Too many headers for our zero-slot array means the request line parsed.
-        Ok(_) | Err(httparse::Error::TooManyHeaders) if request.version.is_some() => {
+        Ok(_) | Err(httparse::Error::TooManyHeaders)
+            if request.version.is_some() && line_end.is_some() =>
+        {
             Verdict::Is(Protocol::Http1)
         }
         Ok(httparse::Status::Partial) => Verdict::NeedMore,
@@ -122,6 +137,64 @@ fn done(protocol: Protocol, prefix: Vec<u8>, outcome: Outcome) -> Classified {
     }
 }
 
+/// Ports where the server speaks first or the protocol is known not to be HTTP: never
+/// sniffed, so a client waiting for a greeting is not made to wait for our timeout
+/// (Linkerd's default opaque ports: SMTP, submission, MySQL, Galera, PostgreSQL, Redis,
+/// Elasticsearch transport, memcached).
+pub const SERVER_FIRST_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// Whether and how long to read a connection before choosing its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Do not read: the protocol is this.
+    Skip(Protocol),
+    /// Read up to this long; what cannot be classified by then is opaque TCP.
+    Sniff(Duration),
+}
+
+/// Decides from the snapshot whether a connection to `dst` needs its first bytes read.
+/// `declared_wait` is how long a port declared HTTP waits for its first request (it is not
+/// relayed as TCP at the sniffing timeout: the client is expected to speak first).
+pub fn plan(
+    snapshot: &Snapshot,
+    direction: Direction,
+    dst: SocketAddr,
+    declared_wait: Duration,
+) -> Plan {
+    if SERVER_FIRST_PORTS.contains(&dst.port()) {
+        return Plan::Skip(Protocol::Opaque);
+    }
+    if direction == Direction::Inbound {
+        return Plan::Sniff(SNIFF_TIMEOUT);
+    }
+    match snapshot.service_port(dst) {
+        Some((_, port)) => match port.l7() {
+            L7::Opaque => Plan::Skip(Protocol::Opaque),
+            L7::Http1 | L7::Http2 => Plan::Sniff(declared_wait),
+            L7::Detect => Plan::Sniff(SNIFF_TIMEOUT),
+        },
+        None if snapshot.has_http_hosts_on(dst.port()) => Plan::Sniff(SNIFF_TIMEOUT),
+        None => Plan::Skip(Protocol::Opaque),
+    }
+}
+
+impl Classified {
+    /// The detection outcome's metric label.
+    pub fn outcome_label(&self) -> &'static str {
+        match (self.outcome, self.protocol) {
+            (Outcome::TimedOut, _) => "timeout",
+            (Outcome::Closed, _) => "closed",
+            (_, Protocol::Http1) => "http1",
+            (_, Protocol::Http2) => "h2",
+            (_, Protocol::Opaque) => "tcp",
+        }
+    }
+}
+
+/// How many bytes detection reads at most before calling a connection opaque: an HTTP/1
+/// request line longer than this is relayed as TCP.
+pub const SNIFF_LIMIT: usize = 8 * 1024;
+
 /// The default time a client has to send enough to classify its connection (Istio's
 /// `protocolDetectionTimeout` is 100 ms by default; we wait a little longer for slow links).
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
@@ -147,6 +220,9 @@ mod tests {
             (b"SSH-2.0-OpenSSH_9.2\r\n", Is(Opaque)),
             (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Is(Opaque)),
             (b"GET / HTTP/9.9\r\n", Is(Opaque)),
+            (b"GET /headers HTTP/1.1", NeedMore),
+            (b"GET /headers HTTP/1.1H", Is(Opaque)),
+            (b"GET / HTTP/1.1\r\n\0", Is(Http1)),
         ];
         for (bytes, want) in cases {
             assert_eq!(

@@ -9,6 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// A label value shared between series without copying.
@@ -40,6 +41,97 @@ pub struct TcpLabels {
     pub request_protocol: Value,
     pub response_flags: Value,
     pub connection_security_policy: Value,
+}
+
+/// Istio's request metric labels: the connection's, plus the response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    #[prometheus(flatten)]
+    pub tcp: TcpLabels,
+    pub response_code: u16,
+    /// gRPC's status code; empty for requests that are not gRPC.
+    pub grpc_response_status: Option<u32>,
+}
+
+/// Envoy's default histogram buckets, in milliseconds (Istio's request duration).
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+/// Istio's size buckets: powers of ten from 1 byte to 100 MB.
+fn size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
+}
+
+type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
+
+/// Istio's request metrics.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub requests: Family<HttpLabels, Counter>,
+    pub duration_ms: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
+    /// gRPC messages (length-prefixed frames in the body), for gRPC requests only.
+    pub request_messages: Family<HttpLabels, Counter>,
+    pub response_messages: Family<HttpLabels, Counter>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics {
+            requests: Family::default(),
+            duration_ms: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
+            request_messages: Family::default(),
+            response_messages: Family::default(),
+        }
+    }
+}
+
+/// The series of one label set, fetched once and reused by the requests that share it.
+#[derive(Clone)]
+pub struct HttpHandles {
+    pub requests: Counter,
+    pub duration_ms: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+    /// Request and response message counters: gRPC series only (`None` for plain HTTP, so
+    /// no empty message series are exported for it).
+    pub messages: Option<(Counter, Counter)>,
+}
+
+impl HttpMetrics {
+    pub fn handles(&self, labels: &HttpLabels) -> HttpHandles {
+        HttpHandles {
+            requests: self.requests.get_or_create_owned(labels),
+            duration_ms: self.duration_ms.get_or_create_owned(labels),
+            request_bytes: self.request_bytes.get_or_create_owned(labels),
+            response_bytes: self.response_bytes.get_or_create_owned(labels),
+            messages: labels.grpc_response_status.is_some().then(|| {
+                (
+                    self.request_messages.get_or_create_owned(labels),
+                    self.response_messages.get_or_create_owned(labels),
+                )
+            }),
+        }
+    }
+}
+
+/// Protocol detection outcomes per port (`http1`, `h2`, `tcp`, `timeout`, `closed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectionLabels {
+    pub direction: &'static str,
+    pub port: u16,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,11 +173,14 @@ pub struct TimeoutLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub tcp: TcpMetrics,
+    pub http: HttpMetrics,
+    pub detection: Family<DetectionLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_version: Family<VersionLabels, Gauge>,
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub io_backend: Family<BackendLabels, Gauge>,
     pub active_connections: Gauge,
+    pub http_idle_connections: Gauge,
     pub connections_refused: Family<RefusedLabels, Counter>,
     pub accept_errors: Family<DirectionLabels, Counter>,
     pub connection_timeouts: Family<TimeoutLabels, Counter>,
@@ -144,6 +239,44 @@ impl Metrics {
             "Bytes received from the client side of the connection",
             tcp.received_bytes.clone(),
         );
+        let http = HttpMetrics::default();
+        registry.register(
+            "istio_requests",
+            "Requests, by response code and flags",
+            http.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's first byte to the response's last",
+            http.duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            http.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            http.response_bytes.clone(),
+        );
+        registry.register(
+            "istio_request_messages",
+            "gRPC messages sent by the client",
+            http.request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages sent by the server",
+            http.response_messages.clone(),
+        );
+        let detection = Family::<DetectionLabels, Counter>::default();
+        registry.register(
+            "isthmus_proxy_protocol_detection",
+            "Protocol detection outcomes per port: http1, h2, tcp (sniffed, not HTTP), timeout \
+             (relayed as TCP), closed",
+            detection.clone(),
+        );
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "isthmus_config_reloads",
@@ -173,6 +306,13 @@ impl Metrics {
             "isthmus_proxy_active_connections",
             "Connections being relayed now",
             active_connections.clone(),
+        );
+        let http_idle_connections = Gauge::default();
+        registry.register(
+            "isthmus_proxy_http_idle_connections",
+            "Client connections open between HTTP requests (keep-alive, no request in flight); \
+             included in isthmus_proxy_active_connections",
+            http_idle_connections.clone(),
         );
         let connections_refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
@@ -213,11 +353,14 @@ impl Metrics {
             connection_timeouts,
             admin_refused,
             tcp,
+            http,
+            detection,
             config_reloads,
             config_version,
             config_last_success,
             io_backend,
             active_connections,
+            http_idle_connections,
         }
     }
 

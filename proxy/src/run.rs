@@ -13,6 +13,7 @@ use crate::admin::{self, AdminLimits, AdminState, Role, SetLogLevel};
 use crate::args::Args;
 use crate::connect::ConnectPolicy;
 use crate::drain::{self, Drain, Phase};
+use crate::http;
 use crate::listen::{self, ListenError, OrigDst, Slots};
 use crate::metrics::{BackendLabels, Metrics};
 use crate::process;
@@ -122,6 +123,13 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
         },
         before_config: args.outbound_before_config,
         access_log: args.access_log,
+        http: http::Settings {
+            source_labels: vec![
+                ("app".to_string(), args.app.clone()),
+                ("version".to_string(), args.app_version.clone()),
+            ],
+            ..http::Settings::default()
+        },
         own_ports: vec![
             args.outbound_port,
             args.inbound_port,

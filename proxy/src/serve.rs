@@ -1,7 +1,7 @@
 //! The life of a connection, one small stage after another:
-//! accept ([`crate::listen`]) → original destination → detect ([`crate::detect`]) → policy
-//! ([`crate::policy`]) → route ([`crate::route`]) → connect ([`crate::connect`]) → relay
-//! ([`crate::relay`], or HTTP once it lands) → outcome recorded once. Each stage has its own
+//! accept ([`crate::listen`]) → original destination → policy ([`crate::policy`]) → detect
+//! ([`crate::detect`]) → HTTP ([`crate::http`]) or route ([`crate::route`]) → connect
+//! ([`crate::connect`]) → relay ([`crate::relay`]) → outcome recorded once. Each stage has its own
 //! error type and response flag; this module only strings them together.
 
 use std::net::SocketAddr;
@@ -12,12 +12,13 @@ use std::time::Instant;
 use crate::connect::{self, ConnectPolicy};
 use crate::detect::{self, Protocol};
 use crate::drain;
+use crate::http::{self, server::ConnInfo};
 use crate::listen::{self, OrigDst};
-use crate::metrics::{Metrics, TimeoutLabels};
+use crate::metrics::{DetectionLabels, Metrics, TimeoutLabels};
 use crate::policy::{self, BeforeConfig, Peer};
 use crate::relay::{self, Bounds, End, Ends};
 use crate::route::{self, Plan};
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Stream};
 use crate::state::ConfigStore;
 use crate::telemetry::{Identity, ResponseFlag};
 
@@ -48,6 +49,7 @@ pub struct Context {
     pub bounds: Bounds,
     pub before_config: BeforeConfig,
     pub access_log: bool,
+    pub http: http::Settings,
     /// The proxy's own ports: a destination on one of them would loop.
     pub own_ports: Vec<u16>,
     pub next_id: AtomicU64,
@@ -59,7 +61,7 @@ pub async fn connection<R: Runtime>(
     peer: SocketAddr,
     direction: Direction,
     orig: OrigDst,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     mut drain: drain::Watch,
 ) {
     let started = Instant::now();
@@ -70,8 +72,6 @@ pub async fn connection<R: Runtime>(
             return tracing::warn!("{e}");
         }
     };
-    // No port needs L7 handling until HTTP routing lands: nothing is read here yet.
-    let classified = detect::Classified::skipped(Protocol::Opaque);
     let peer = Peer {
         addr: peer,
         identity: None,
@@ -83,6 +83,42 @@ pub async fn connection<R: Runtime>(
                 flags = e.flag().as_str(), "connection refused: {e}");
         }
         return tracing::debug!("{e}");
+    }
+    let classified = match detect::plan(&ctx.store.load(), direction, dst, ctx.http.header_timeout)
+    {
+        detect::Plan::Skip(protocol) => detect::Classified::skipped(protocol),
+        detect::Plan::Sniff(wait) => {
+            match detect::sniff::<R>(&downstream, Instant::now() + wait, detect::SNIFF_LIMIT).await
+            {
+                Ok(classified) => {
+                    ctx.metrics
+                        .detection
+                        .get_or_create(&DetectionLabels {
+                            direction: direction.as_str(),
+                            port: dst.port(),
+                            outcome: classified.outcome_label(),
+                        })
+                        .inc();
+                    classified
+                }
+                Err(e) => return tracing::debug!(%dst, "detection read failed: {e}"),
+            }
+        }
+    };
+    if classified.protocol == Protocol::Http1 {
+        let stream = match downstream.into_tokio() {
+            Ok(stream) => stream,
+            Err(e) => return tracing::warn!("moving a connection to L7 failed: {e}"),
+        };
+        let info = ConnInfo {
+            direction,
+            peer: peer.addr,
+            dst,
+        };
+        ctx.metrics.active_connections.inc();
+        http::server::serve(stream, classified.prefix, info, ctx, drain).await;
+        ctx.metrics.active_connections.dec();
+        return;
     }
     // One snapshot for the whole connection: a reload never changes a connection's route.
     let plan = route::plan(&ctx.store.load(), direction, dst, ctx.connect.attempts);

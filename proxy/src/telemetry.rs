@@ -24,8 +24,29 @@ pub enum ResponseFlag {
     UpstreamConnectFailure,
     /// No healthy upstream: the cluster has no endpoints.
     NoHealthyUpstream,
-    /// No route: the destination is not in the registry and the policy is REGISTRY_ONLY.
+    /// No route: the destination is not in the registry and the policy is REGISTRY_ONLY, or
+    /// no VirtualService `http` rule matches the request.
     NoRoute,
+    /// Upstream overflow: a circuit breaker (`connectionPool` limit) refused the request.
+    UpstreamOverflow,
+    /// Upstream retry limit exceeded: the last retriable failure was returned.
+    UpstreamRetryLimitExceeded,
+    /// Upstream request timeout: the route's `timeout` (or a per-try timeout) passed.
+    UpstreamRequestTimeout,
+    /// Downstream connection termination: the client went away mid-request.
+    DownstreamConnectionTermination,
+    /// Upstream connection termination: the upstream closed before a complete response.
+    UpstreamConnectionTermination,
+    /// Local reset: the proxy reset the stream (a malformed message, a bound).
+    LocalReset,
+    /// Upstream remote reset: the upstream reset the connection.
+    UpstreamRemoteReset,
+    /// Downstream protocol error: the client's message broke HTTP framing.
+    DownstreamProtocolError,
+    /// Fault injection abort.
+    FaultInjected,
+    /// Fault injection delay.
+    DelayInjected,
 }
 
 impl ResponseFlag {
@@ -35,6 +56,16 @@ impl ResponseFlag {
             ResponseFlag::UpstreamConnectFailure => "UF",
             ResponseFlag::NoHealthyUpstream => "UH",
             ResponseFlag::NoRoute => "NR",
+            ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlag::UpstreamRequestTimeout => "UT",
+            ResponseFlag::DownstreamConnectionTermination => "DC",
+            ResponseFlag::UpstreamConnectionTermination => "UC",
+            ResponseFlag::LocalReset => "LR",
+            ResponseFlag::UpstreamRemoteReset => "UR",
+            ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::DelayInjected => "DI",
         }
     }
 }

@@ -12,11 +12,16 @@ pub fn gauge(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// `isthmus_proxy_active_connections` of the pod's sidecar.
+/// Connections the pod's sidecar is relaying or serving a request on: its
+/// `isthmus_proxy_active_connections` less keep-alive HTTP connections idle between requests.
 pub fn active_connections(pod: &Pod) -> Result<f64, String> {
     let text = pod.metrics().map_err(|e| e.to_string())?;
-    gauge(&text, "isthmus_proxy_active_connections")
-        .ok_or_else(|| format!("no isthmus_proxy_active_connections in:\n{text}"))
+    let open = gauge(&text, "isthmus_proxy_active_connections")
+        .ok_or_else(|| format!("no isthmus_proxy_active_connections in:\n{text}"))?;
+    // Keep-alive HTTP connections waiting for their next request are open by design (a
+    // client sidecar pools its upstream connections): they are not stuck.
+    let idle = gauge(&text, "isthmus_proxy_http_idle_connections").unwrap_or(0.0);
+    Ok(open - idle)
 }
 
 /// Polls `check` every 20 ms until it returns `Ok`; after `within`, panics with `what` and the

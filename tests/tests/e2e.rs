@@ -26,14 +26,17 @@ fn backend_metric(mesh: &Mesh, pod: &str) -> String {
         .to_string()
 }
 
-fn routes(subset_for_tcp: &str) -> Vec<SourceFile> {
+/// Every port of `hello` (its HTTP port by an `http` rule, the echo port by a `tcp` one) to
+/// `subset`.
+fn routes(subset: &str) -> Vec<SourceFile> {
     vec![SourceFile::new(
         "routes.yaml",
         format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: hello, namespace: mesh}}\n\
              spec:\n  host: hello\n  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n---\n\
              apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: mesh}}\n\
-             spec:\n  hosts: [hello]\n  tcp:\n  - route: [{{destination: {{host: hello, subset: {subset_for_tcp}}}}}]\n"
+             spec:\n  hosts: [hello]\n  http:\n  - route: [{{destination: {{host: hello, subset: {subset}}}}}]\n\
+             \x20 tcp:\n  - route: [{{destination: {{host: hello, subset: {subset}}}}}]\n"
         ),
     )]
 }
@@ -305,11 +308,19 @@ fn live_routing_change(backend: &str) {
     bad[0].text = bad[0].text.replace("[{name: v1", "[{name: v9");
     let bad_version = mesh.write_config(bad).unwrap();
     let dump = client.wait_for_version(&bad_version, true).unwrap();
-    let issue = dump["lastError"]["issues"][0].as_str().unwrap().to_string();
-    assert!(
-        issue.starts_with("routes.yaml: VirtualService mesh/hello: spec.tcp[0].route[0].destination.subset: no DestinationRule"),
-        "{issue}"
-    );
+    let issues: Vec<&str> = dump["lastError"]["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.as_str())
+        .collect();
+    for rule in ["http", "tcp"] {
+        let want = format!("routes.yaml: VirtualService mesh/hello: spec.{rule}[0].route[0].destination.subset: no DestinationRule");
+        assert!(
+            issues.iter().any(|i| i.starts_with(&want)),
+            "{want} not in {issues:?}"
+        );
+    }
     assert_eq!(
         client.http_get(http, "/").unwrap().1,
         "hello from hello-v2\n"

@@ -357,7 +357,8 @@ fn all_to(subset: &str) -> Vec<SourceFile> {
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: hello, namespace: mesh}}\n\
          spec:\n  host: hello\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n\
          ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: mesh}}\n\
-         spec:\n  hosts: [hello]\n  tcp:\n  - route:\n    - destination: {{host: hello, subset: {subset}}}\n"
+         spec:\n  hosts: [hello]\n  http:\n  - route:\n    - destination: {{host: hello, subset: {subset}}}\n\
+         \x20 tcp:\n  - route:\n    - destination: {{host: hello, subset: {subset}}}\n"
     );
     vec![SourceFile::new("flap.yaml", text)]
 }

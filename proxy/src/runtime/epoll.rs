@@ -48,6 +48,10 @@ impl Listener for tokio::net::TcpListener {
 }
 
 impl Stream for tokio::net::TcpStream {
+    fn into_tokio(self) -> io::Result<tokio::net::TcpStream> {
+        Ok(self)
+    }
+
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         buf.clear();
         let result = self.read_ready(&mut buf).await;

@@ -134,6 +134,14 @@ pub trait Stream: AsRawFd + 'static {
         // SAFETY: zero-initialised, and filled by the kernel where rc == 0.
         rc == 0 && unsafe { info.assume_init() }.tcpi_state == TCP_CLOSE
     }
+    /// Moves the connection onto tokio's readiness reactor, where L7 runs (docs/ARCHITECTURE.md,
+    /// "L7 I/O model"). A completion stream's descriptor is duplicated and the original closed.
+    fn into_tokio(self) -> io::Result<tokio::net::TcpStream>
+    where
+        Self: Sized,
+    {
+        crate::http::io::to_tokio(self)
+    }
     /// Makes the coming close send RST instead of FIN: how a reset on one side is passed on
     /// to the other.
     fn reset_on_close(&self) -> io::Result<()> {

@@ -1,0 +1,803 @@
+//! HTTP/1.x from the client's side of the sidecar: one task per connection, its requests one
+//! after another (keep-alive), each routed on the snapshot current when it arrives. A request
+//! goes through: head read (bounded in size and time) → routing decision → local answer, or
+//! upstream attempts (pooled connections, retries, timeouts) → response streamed back →
+//! telemetry recorded once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_config::{
+    Cluster, HttpAction, HttpDestination, HttpMatch, HttpRoute, OutboundPolicy, Snapshot,
+};
+use tokio::net::TcpStream;
+
+use super::body::{self, BodyError, Chunking};
+use super::h1::{self, Framing, Header, RequestHead, Version};
+use super::io::Conn;
+use super::local::{header, Local};
+use super::retry::{self, Attempts};
+use super::router::{self, RequestView, Source};
+use super::upstream::{self, Failure, Upstream};
+use super::{filters, Settings};
+use crate::balance;
+use crate::drain::{self, Phase};
+use crate::metrics::{HttpHandles, HttpLabels};
+use crate::route::Target;
+use crate::serve::{Context, Direction};
+use crate::telemetry::ResponseFlag;
+
+/// Where a connection came in and was going.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub direction: Direction,
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+/// Serves an HTTP/1 connection until the client closes it, an exchange breaks it, or the
+/// drain's closing phase ends it.
+pub async fn serve(
+    stream: TcpStream,
+    prefix: Vec<u8>,
+    info: ConnInfo,
+    ctx: &Context,
+    mut drain: drain::Watch,
+) {
+    let mut closing = drain.clone();
+    tokio::select! {
+        _ = serve_requests(stream, prefix, info, ctx, &mut drain) => {}
+        _ = closing.reached(Phase::Closing) => {}
+    }
+}
+
+async fn serve_requests(
+    stream: TcpStream,
+    prefix: Vec<u8>,
+    info: ConnInfo,
+    ctx: &Context,
+    drain: &mut drain::Watch,
+) {
+    let settings = &ctx.http;
+    let mut down = Conn::new(stream, prefix);
+    let mut handles = HandleCache::default();
+    loop {
+        // Between requests: hold no buffer; close when idle too long, or on drain (inbound).
+        let _idle = IdleGuard::new(
+            &ctx.metrics.http_idle_connections,
+            down.buffered().is_empty(),
+        );
+        let waited = if info.direction == Direction::Inbound {
+            tokio::select! {
+                r = tokio::time::timeout(settings.idle_timeout, down.idle()) => r,
+                _ = drain.reached(Phase::Draining) => return,
+            }
+        } else {
+            tokio::time::timeout(settings.idle_timeout, down.idle()).await
+        };
+        if !matches!(waited, Ok(Ok(()))) {
+            return;
+        }
+        drop(_idle);
+        let started = Instant::now();
+        let (head, len) = match read_head(&mut down, settings).await {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return,
+            Err(local) => {
+                let mut out = Vec::new();
+                local.encode(Version::Http11, false, true, &mut out);
+                let _ = down.write_all(&out).await;
+                down.linger_close().await;
+                return;
+            }
+        };
+        down.consume(len);
+        let draining = drain.phase() >= Phase::Draining && info.direction == Direction::Inbound;
+        let keep = exchange(&mut down, head, info, ctx, &mut handles, started, draining).await;
+        if !keep {
+            return;
+        }
+    }
+}
+
+/// Counts a connection as idle between requests while it lives (dropped on every exit path,
+/// including the drain's cancellation).
+struct IdleGuard<'a>(Option<&'a prometheus_client::metrics::gauge::Gauge>);
+
+impl<'a> IdleGuard<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge, idle: bool) -> Self {
+        if idle {
+            gauge.inc();
+            IdleGuard(Some(gauge))
+        } else {
+            IdleGuard(None)
+        }
+    }
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.0 {
+            g.dec();
+        }
+    }
+}
+
+/// Reads one request head. `Ok(None)`: the client closed (or sent nothing) between requests.
+/// `Err`: the answer to send before closing (400/431/501, or 408 when the head is too slow).
+async fn read_head(
+    down: &mut Conn,
+    settings: &Settings,
+) -> Result<Option<(RequestHead, usize)>, Local> {
+    let deadline = Instant::now() + settings.header_timeout;
+    loop {
+        if !down.buffered().is_empty() {
+            match h1::parse_request(down.buffered(), &settings.limits) {
+                Ok(Some(parsed)) => return Ok(Some(parsed)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!("refused request: {e}");
+                    return Err(Local::new(e.status(), e.to_string(), ResponseFlag::None));
+                }
+            }
+        }
+        match down.fill_until(deadline).await {
+            None if down.buffered().is_empty() => return Ok(None),
+            None => return Err(Local::new(408, "request head timeout", ResponseFlag::None)),
+            Some(Ok(0)) | Some(Err(_)) => return Ok(None),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// What to do with a request, decided from one snapshot.
+pub(crate) enum Decision<'s> {
+    Local(Local),
+    Forward(Forward<'s>),
+}
+
+pub(crate) struct Forward<'s> {
+    pub(crate) target: Target,
+    /// `None`: the original destination.
+    pub(crate) cluster: Option<&'s Arc<Cluster>>,
+    pub(crate) route: Option<&'s HttpRoute>,
+    pub(crate) matched: Option<&'s HttpMatch>,
+    pub(crate) destination: Option<&'s HttpDestination>,
+}
+
+impl Forward<'_> {
+    /// The route's fault, if it fires: a delay is waited out here (flagging `record` DI); an
+    /// abort comes back as the answer to send.
+    pub(crate) async fn inject_fault(&self, record: &mut Record) -> Option<Local> {
+        let fault = self.route.and_then(|r| r.fault.as_ref())?;
+        if let Some(delay) = &fault.delay {
+            if retry::chance(delay.percent) {
+                tokio::time::sleep(delay.fixed).await;
+                record.flag = ResponseFlag::DelayInjected;
+            }
+        }
+        let abort = fault.abort.as_ref()?;
+        retry::chance(abort.percent).then(|| retry::abort_response(&abort.kind))
+    }
+
+    /// The route's, then the chosen destination's, request header operations.
+    pub(crate) fn request_header_ops(&self, headers: &mut Vec<Header>) {
+        if let Some(route) = self.route {
+            filters::apply_header_ops(&route.request_headers, headers);
+        }
+        if let Some(d) = self.destination {
+            filters::apply_header_ops(&d.request_headers, headers);
+        }
+    }
+
+    /// The route's, then the chosen destination's, response header operations.
+    pub(crate) fn response_header_ops(&self, headers: &mut Vec<Header>) {
+        if let Some(route) = self.route {
+            filters::apply_header_ops(&route.response_headers, headers);
+        }
+        if let Some(d) = self.destination {
+            filters::apply_header_ops(&d.response_headers, headers);
+        }
+    }
+
+    /// Where the next attempt goes: an endpoint of the cluster (with its index), or the
+    /// original destination (inbound, passthrough). `None`: no healthy endpoint.
+    pub(crate) fn next_endpoint(&self, dst: SocketAddr) -> Option<(SocketAddr, Option<usize>)> {
+        match self.cluster {
+            Some(cluster) if !cluster.passthrough => balance::candidates(cluster, 1)
+                .first()
+                .map(|&i| (cluster.endpoints[i].addr, Some(i))),
+            _ => Some((dst, None)),
+        }
+    }
+
+    /// The route's timeout from now.
+    pub(crate) fn route_deadline(&self) -> Option<Instant> {
+        self.route
+            .and_then(|r| r.timeout)
+            .map(|t| Instant::now() + t)
+    }
+
+    /// The upstream connection settings of the cluster's policy, defaults where unset.
+    pub(crate) fn upstream(&self, addr: SocketAddr, ctx: &Context) -> Upstream {
+        let pool = self.cluster.map(|c| &c.policy.connection_pool);
+        Upstream {
+            addr,
+            connect_timeout: pool
+                .and_then(|p| p.connect_timeout)
+                .unwrap_or(ctx.connect.attempt_timeout),
+            pool_idle: self.pool_idle(&ctx.http),
+            max_requests: pool.map_or(0, |p| p.max_requests_per_connection),
+        }
+    }
+
+    /// How long an idle upstream connection is kept (`connectionPool.http.idleTimeout`).
+    pub(crate) fn pool_idle(&self, settings: &Settings) -> Duration {
+        self.cluster
+            .and_then(|c| c.policy.connection_pool.http_idle_timeout)
+            .unwrap_or(settings.pool_idle)
+    }
+}
+
+/// Routes a request: inbound goes to the app; outbound by Host among the services on the
+/// port (Istio's virtual hosts), else by the original destination's service.
+pub(crate) fn decide<'s>(
+    snapshot: &'s Snapshot,
+    info: ConnInfo,
+    target: &str,
+    view: &RequestView<'_>,
+    source: &Source<'_>,
+) -> Decision<'s> {
+    if info.direction == Direction::Inbound {
+        return Decision::Forward(Forward {
+            target: Target::Inbound,
+            cluster: None,
+            route: None,
+            matched: None,
+            destination: None,
+        });
+    }
+    let port = info.dst.port();
+    let found = snapshot
+        .http_service(view.authority, port, Some(source.namespace))
+        .or_else(|| snapshot.service_port(info.dst));
+    let Some((service, service_port)) = found else {
+        return match snapshot.outbound_policy() {
+            OutboundPolicy::AllowAny => Decision::Forward(Forward {
+                target: Target::Unregistered("PassthroughCluster"),
+                cluster: None,
+                route: None,
+                matched: None,
+                destination: None,
+            }),
+            OutboundPolicy::RegistryOnly => {
+                Decision::Local(Local::new(502, Vec::new(), ResponseFlag::NoRoute))
+            }
+        };
+    };
+    let Some((route, matched)) = router::select(&service_port.http_routes, view, source) else {
+        return Decision::Local(Local::failure(ResponseFlag::NoRoute));
+    };
+    let destinations = match &route.action {
+        HttpAction::Route(d) => d,
+        HttpAction::Redirect(rule) => {
+            return Decision::Local(filters::redirect(rule, view.scheme, view.authority, target));
+        }
+        HttpAction::DirectResponse { status, body } => {
+            let body = body.as_deref().unwrap_or_default().to_vec();
+            let mut local = Local::new(*status, body, ResponseFlag::None);
+            filters::apply_header_ops(&route.response_headers, &mut local.headers);
+            return Decision::Local(local);
+        }
+    };
+    let weights: Vec<u32> = destinations.iter().map(|d| d.weight).collect();
+    let Some(index) = balance::pick_weighted(route.next_ticket(), &weights) else {
+        return Decision::Local(Local::failure(ResponseFlag::NoHealthyUpstream));
+    };
+    let destination = &destinations[index];
+    Decision::Forward(Forward {
+        target: Target::Service {
+            service: service.clone(),
+            cluster: destination.cluster.clone(),
+        },
+        cluster: Some(&destination.cluster),
+        route: Some(route),
+        matched,
+        destination: Some(destination),
+    })
+}
+
+/// Serves one request. Returns whether the connection may carry another.
+async fn exchange(
+    down: &mut Conn,
+    mut head: RequestHead,
+    info: ConnInfo,
+    ctx: &Context,
+    handles: &mut HandleCache,
+    started: Instant,
+    draining: bool,
+) -> bool {
+    let settings = &ctx.http;
+    let snapshot = ctx.store.load();
+    let authority_owned = head
+        .headers
+        .iter()
+        .find(|h| h.is("host"))
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        .unwrap_or_default();
+    let (path, query) = RequestView::split_target(&head.target);
+    let view = RequestView {
+        method: &head.method,
+        path,
+        query,
+        authority: &authority_owned,
+        scheme: "http",
+        headers: &head.headers,
+        port: info.dst.port(),
+    };
+    let source = Source {
+        labels: &settings.source_labels,
+        namespace: &ctx.identity.namespace,
+    };
+    let decision = decide(&snapshot, info, &head.target, &view, &source);
+    let mut record = Record::new(started);
+    let head_only = &*head.method == "HEAD";
+    let forward = match decision {
+        Decision::Local(local) => {
+            let keep = answer_locally(down, &head, &local, settings, draining).await;
+            record.status = local.status;
+            record.flag = local.flag;
+            record.response_bytes = if head_only {
+                0
+            } else {
+                local.body.len() as u64
+            };
+            handles.record(
+                ctx,
+                &Target::Unregistered("BlackHoleCluster"),
+                None,
+                None,
+                &record,
+                info,
+            );
+            return keep;
+        }
+        Decision::Forward(f) => f,
+    };
+    let finish = |handles: &mut HandleCache, endpoint: Option<usize>, record: &Record| {
+        handles.record(
+            ctx,
+            &forward.target,
+            forward.cluster,
+            endpoint,
+            record,
+            info,
+        )
+    };
+
+    // Fault injection: abort answers at once, delay waits first.
+    if let Some(local) = forward.inject_fault(&mut record).await {
+        let keep = answer_locally(down, &head, &local, settings, draining).await;
+        record.status = local.status;
+        record.grpc_status = retry::grpc_status_of(&local.headers);
+        record.flag = ResponseFlag::FaultInjected;
+        finish(handles, None, &record);
+        return keep;
+    }
+
+    // Build the request as it goes upstream.
+    let mut authority = None;
+    if let Some(rule) = forward.route.and_then(|r| r.rewrite.as_ref()) {
+        let mut target = head.target.to_string();
+        filters::rewrite(rule, forward.matched, &mut target, &mut authority);
+        head.target = target.into();
+    }
+    let upgrade = head.upgrade || &*head.method == "CONNECT";
+    let upgrade_protocol = head.headers.iter().find(|h| h.is("upgrade")).cloned();
+    let wants_trailers = head.headers.iter().any(|h| {
+        h.is("te")
+            && h.value
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"trailers"))
+    });
+    let client_version = head.version;
+    let client_keep_alive = head.keep_alive;
+    let expect_continue = head.expect_continue;
+    h1::strip_hop_by_hop(&mut head.headers);
+    head.headers.retain(|h| !h.is("expect"));
+    if let Some(a) = authority {
+        filters::apply_header_ops(
+            &isthmus_config::HeaderOps {
+                set: vec![("host".into(), a)],
+                add: vec![],
+                remove: vec![],
+            },
+            &mut head.headers,
+        );
+    }
+    forward.request_header_ops(&mut head.headers);
+    if !head.headers.iter().any(|h| h.is("x-forwarded-proto")) {
+        head.headers.push(header("x-forwarded-proto", b"http"));
+    }
+    if wants_trailers {
+        head.headers.push(header("te", b"trailers"));
+    }
+    if upgrade {
+        if let Some(u) = upgrade_protocol {
+            head.headers.push(header("connection", b"upgrade"));
+            head.headers.push(u);
+        }
+    }
+    if head.framing == Framing::Chunked {
+        head.headers.push(header("transfer-encoding", b"chunked"));
+    }
+    head.version = Version::Http11;
+
+    // Expect: 100-continue is answered here, as Envoy does: the body follows at once.
+    if expect_continue
+        && client_version == Version::Http11
+        && down
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return false;
+    }
+
+    // The body stays in the client connection's buffer when it is small enough to replay.
+    let replayable = match head.framing {
+        Framing::Empty => true,
+        Framing::Length(n) if n as usize <= settings.replay_max => {
+            if let Err(e) = body::buffer_length(down, n as usize, settings.stall).await {
+                record.flag = ResponseFlag::DownstreamConnectionTermination;
+                tracing::debug!("request body: {e}");
+                finish(handles, None, &record);
+                return false;
+            }
+            true
+        }
+        _ => false,
+    };
+
+    let mut attempts = Attempts::new(forward.route, replayable, upgrade);
+    let route_deadline = forward.route_deadline();
+    let pool_idle = forward.pool_idle(settings);
+    let mut head_bytes = Vec::with_capacity(512);
+    h1::encode_request_head(&head, &mut head_bytes);
+
+    let outcome = loop {
+        let Some((addr, endpoint)) = forward.next_endpoint(info.dst) else {
+            break Err((Failure::NoHealthyUpstream, None));
+        };
+        let try_deadline = attempts.deadline(route_deadline);
+        let upstream = forward.upstream(addr, ctx);
+        let body_len = match head.framing {
+            Framing::Length(n) if replayable => n as usize,
+            _ => 0,
+        };
+        let result = upstream::send(
+            &upstream,
+            down,
+            &head_bytes,
+            body_len,
+            if replayable {
+                Framing::Empty
+            } else {
+                head.framing
+            },
+            &head.method,
+            try_deadline,
+            settings,
+        )
+        .await;
+        match result {
+            Ok((up, response)) => {
+                let grpc = retry::grpc_status_of(&response.headers);
+                if attempts.retry_on_status(response.status, grpc) {
+                    upstream::finish_discarded(up, &response, &head.method, settings, pool_idle)
+                        .await;
+                    attempts.backoff().await;
+                    continue;
+                }
+                break Ok((up, response, endpoint));
+            }
+            Err(failure) => {
+                if attempts.retry_on_failure(&failure) {
+                    attempts.backoff().await;
+                    continue;
+                }
+                break Err((failure, endpoint));
+            }
+        }
+    };
+    if replayable {
+        if let Framing::Length(n) = head.framing {
+            down.consume(n as usize);
+            record.request_bytes = n;
+        }
+    }
+    let (mut up, response, endpoint) = match outcome {
+        Ok(ok) => ok,
+        Err((failure, endpoint)) => {
+            let flag = if attempts.retried() && failure.is_retriable_kind() {
+                ResponseFlag::UpstreamRetryLimitExceeded
+            } else {
+                failure.flag()
+            };
+            let mut local = Local::failure(failure.flag());
+            local.flag = flag;
+            let keep = match failure {
+                Failure::Downstream => {
+                    local.flag = ResponseFlag::DownstreamConnectionTermination;
+                    local.status = 0;
+                    false
+                }
+                Failure::BadRequestBody => {
+                    let mut out = Vec::new();
+                    local.encode(Version::Http11, false, true, &mut out);
+                    let _ = down.write_all(&out).await;
+                    down.linger_close().await;
+                    false
+                }
+                _ => answer_locally(down, &head, &local, settings, draining).await && replayable,
+            };
+            record.status = local.status;
+            record.flag = local.flag;
+            finish(handles, endpoint, &record);
+            return keep;
+        }
+    };
+    if attempts.retried()
+        && attempts.was_retriable_status(response.status, retry::grpc_status_of(&response.headers))
+    {
+        record.flag = ResponseFlag::UpstreamRetryLimitExceeded;
+    }
+    record.status = response.status;
+    record.grpc_status = retry::grpc_status_of(&response.headers);
+
+    // A protocol switch (WebSocket) or CONNECT: the head goes back, then bytes both ways.
+    let tunnel = response.framing == Framing::Tunnel;
+    let mut out = Vec::with_capacity(512);
+    let mut response = response;
+    let mut close = !client_keep_alive || draining;
+    let chunking = if client_version == Version::Http10 {
+        Chunking::Strip
+    } else {
+        Chunking::Keep
+    };
+    if !tunnel {
+        h1::strip_hop_by_hop(&mut response.headers);
+        forward.response_header_ops(&mut response.headers);
+        match response.framing {
+            Framing::Chunked if chunking == Chunking::Keep => {
+                response
+                    .headers
+                    .push(header("transfer-encoding", b"chunked"));
+            }
+            Framing::Chunked | Framing::UntilClose => close = true,
+            _ => {}
+        }
+        if close {
+            response.headers.push(header("connection", b"close"));
+        } else if client_version == Version::Http10 {
+            response.headers.push(header("connection", b"keep-alive"));
+        }
+    }
+    response.version = Version::Http11;
+    h1::encode_response_head(&response, &mut out);
+    if down.write_all(&out).await.is_err() {
+        record.flag = ResponseFlag::DownstreamConnectionTermination;
+        finish(handles, endpoint, &record);
+        up.conn.reset_on_close();
+        return false;
+    }
+    if tunnel {
+        finish(handles, endpoint, &record);
+        upstream::tunnel(down, up.conn).await;
+        return false;
+    }
+    let framing = if head_only {
+        Framing::Empty
+    } else {
+        response.framing
+    };
+    let body = body::forward(
+        &mut up.conn,
+        down,
+        framing,
+        chunking,
+        &settings.limits,
+        settings.stall,
+    );
+    let forwarded = match route_deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), body)
+            .await
+            .unwrap_or(Err(BodyError::Stalled(Duration::ZERO))),
+        None => body.await,
+    };
+    match forwarded {
+        Ok(n) => {
+            record.response_bytes = n;
+            if response.keep_alive && framing != Framing::UntilClose {
+                up.give_back(pool_idle);
+            }
+        }
+        Err(e) => {
+            tracing::debug!("response body: {e}");
+            record.flag = match e {
+                BodyError::Write(_) => ResponseFlag::DownstreamConnectionTermination,
+                BodyError::Stalled(_) if route_deadline.is_some_and(|d| Instant::now() >= d) => {
+                    ResponseFlag::UpstreamRequestTimeout
+                }
+                _ => ResponseFlag::UpstreamConnectionTermination,
+            };
+            down.reset_on_close();
+            close = true;
+        }
+    }
+    finish(handles, endpoint, &record);
+    !close
+}
+
+/// Sends a locally made response. The request's body is read and dropped first (up to a
+/// bound) so that the connection can carry the next request; otherwise it closes.
+async fn answer_locally(
+    down: &mut Conn,
+    head: &RequestHead,
+    local: &Local,
+    settings: &Settings,
+    draining: bool,
+) -> bool {
+    let drained = body::discard(
+        down,
+        head.framing,
+        &settings.limits,
+        settings.discard_max,
+        settings.stall,
+    )
+    .await
+    .unwrap_or(false);
+    let keep = drained && head.keep_alive && !draining;
+    let mut out = Vec::with_capacity(256 + local.body.len());
+    local.encode(Version::Http11, &*head.method == "HEAD", !keep, &mut out);
+    down.write_all(&out).await.is_ok() && keep
+}
+
+/// What one request did, for telemetry.
+pub(crate) struct Record {
+    pub(crate) started: Instant,
+    pub(crate) request_bytes: u64,
+    pub(crate) response_bytes: u64,
+    pub(crate) status: u16,
+    pub(crate) flag: ResponseFlag,
+    pub(crate) grpc_status: Option<u32>,
+    /// gRPC messages each way (counted on gRPC series only).
+    pub(crate) request_messages: u64,
+    pub(crate) response_messages: u64,
+}
+
+impl Record {
+    pub(crate) fn new(started: Instant) -> Self {
+        Record {
+            started,
+            request_bytes: 0,
+            response_bytes: 0,
+            status: 0,
+            flag: ResponseFlag::None,
+            grpc_status: None,
+            request_messages: 0,
+            response_messages: 0,
+        }
+    }
+}
+
+/// Metric handles by (cluster, endpoint, status, flag) for one connection: a keep-alive
+/// connection's requests mostly share one series, fetched once.
+#[derive(Default)]
+pub(crate) struct HandleCache {
+    entries: Vec<(CacheKey, HttpHandles)>,
+}
+
+struct CacheKey {
+    /// Held, so that the pointer compared is never a freed cluster's.
+    cluster: Option<Arc<Cluster>>,
+    target: &'static str,
+    endpoint: Option<usize>,
+    status: u16,
+    grpc: Option<u32>,
+    flag: ResponseFlag,
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        let same_cluster = match (&self.cluster, &other.cluster) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_cluster
+            && self.target == other.target
+            && self.endpoint == other.endpoint
+            && self.status == other.status
+            && self.grpc == other.grpc
+            && self.flag == other.flag
+    }
+}
+
+/// At most this many series cached per connection.
+const CACHED_SERIES: usize = 8;
+
+impl HandleCache {
+    pub(crate) fn record(
+        &mut self,
+        ctx: &Context,
+        target: &Target,
+        cluster: Option<&Arc<Cluster>>,
+        endpoint: Option<usize>,
+        record: &Record,
+        info: ConnInfo,
+    ) {
+        let key = CacheKey {
+            cluster: cluster.cloned(),
+            target: match target {
+                Target::Inbound => "inbound",
+                Target::Service { .. } => "service",
+                Target::Unregistered(name) => name,
+            },
+            endpoint,
+            status: record.status,
+            grpc: record.grpc_status,
+            flag: record.flag,
+        };
+        let found = self.entries.iter().position(|(k, _)| *k == key);
+        let handles = match found {
+            Some(i) => &self.entries[i].1,
+            None => {
+                let mut tcp = match target {
+                    Target::Inbound => ctx.identity.inbound(record.flag),
+                    Target::Service { service, cluster } => {
+                        let endpoint = endpoint.and_then(|i| cluster.endpoints.get(i));
+                        ctx.identity
+                            .outbound(service, cluster, endpoint, record.flag)
+                    }
+                    Target::Unregistered(name) => {
+                        ctx.identity.outbound_unregistered(name, record.flag)
+                    }
+                };
+                tcp.request_protocol = Arc::from(if record.grpc_status.is_some() {
+                    "grpc"
+                } else {
+                    "http"
+                });
+                let labels = HttpLabels {
+                    tcp,
+                    response_code: record.status,
+                    grpc_response_status: record.grpc_status,
+                };
+                let handles = ctx.metrics.http.handles(&labels);
+                if self.entries.len() >= CACHED_SERIES {
+                    self.entries.remove(0);
+                }
+                self.entries.push((key, handles));
+                &self.entries.last().expect("just pushed").1
+            }
+        };
+        handles.requests.inc();
+        handles
+            .duration_ms
+            .observe(record.started.elapsed().as_secs_f64() * 1000.0);
+        handles.request_bytes.observe(record.request_bytes as f64);
+        handles.response_bytes.observe(record.response_bytes as f64);
+        if let Some((request, response)) = &handles.messages {
+            request.inc_by(record.request_messages);
+            response.inc_by(record.response_messages);
+        }
+        if ctx.access_log {
+            tracing::info!(target: "access", direction = info.direction.as_str(), peer = %info.peer,
+                dst = %info.dst, code = record.status, flags = record.flag.as_str(),
+                bytes_received = record.request_bytes, bytes_sent = record.response_bytes,
+                duration_ms = record.started.elapsed().as_millis() as u64, "request");
+        }
+    }
+}

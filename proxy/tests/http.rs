@@ -1,0 +1,429 @@
+//! HTTP through the proxy as a process, with an explicit listener standing for a captured
+//! outbound connection to a service VIP (no iptables, no root): VirtualService routing,
+//! retries counted at the upstream, timeouts, faults, redirects and rewrites, framing
+//! refusals, keep-alive and protocol switches — against the local mesh's real test app.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The test app (isthmus-ctl's built-in httpbin-like server) on a loopback port.
+fn app(name: &'static str) -> SocketAddr {
+    let (http, echo) = (free_port(), free_port());
+    let http: SocketAddr = ([127, 0, 0, 1], http).into();
+    std::thread::spawn(move || {
+        let _ = isthmus_ctl::app::serve(name, http, ([127, 0, 0, 1], echo).into());
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(http).is_err() {
+        assert!(Instant::now() < deadline, "the app did not listen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    http
+}
+
+/// `web` at 10.96.0.2:80 (HTTP) with endpoints v1 and v2, subsets for both, and `extra` YAML.
+fn registry(v1: SocketAddr, v2: SocketAddr, extra: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web, namespace: test}}\n\
+         spec:\n  hosts: [web]\n  addresses: [10.96.0.2]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n\
+         \x20 resolution: STATIC\n  endpoints:\n\
+         \x20 - {{address: 127.0.0.1, ports: {{http: {}}}, labels: {{version: v1}}}}\n\
+         \x20 - {{address: 127.0.0.1, ports: {{http: {}}}, labels: {{version: v2}}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: test}}\n\
+         spec:\n  host: web\n  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n\
+         {extra}",
+        v1.port(),
+        v2.port()
+    )
+}
+
+struct Mesh {
+    proxy: Proxy,
+    listen: SocketAddr,
+    v1: SocketAddr,
+}
+
+fn mesh(extra: &str) -> Mesh {
+    let (v1, v2) = (app("v1"), app("v2"));
+    let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let proxy = start(Options {
+        args: vec!["--explicit".into(), format!("{listen}=10.96.0.2:80")],
+        wait_ready: false,
+        ..Options::default()
+    });
+    proxy.reconfigure(&registry(v1, v2, extra));
+    proxy.wait_until("ready", |p| p.get("/ready").starts_with("HTTP/1.1 200"));
+    Mesh { proxy, listen, v1 }
+}
+
+fn virtual_service(http: &str) -> String {
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: test}}\n\
+         spec:\n  hosts: [web]\n  http:\n{http}"
+    )
+}
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+    fn served_by(&self) -> &str {
+        self.header("x-served-by").unwrap_or("-")
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A keep-alive HTTP/1.1 client on one connection.
+struct Client {
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn send_raw(&mut self, raw: &[u8]) {
+        self.reader.get_mut().write_all(raw).unwrap();
+    }
+
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.send_raw(req.as_bytes());
+        self.read_response()
+    }
+
+    fn read_response(&mut self) -> Response {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("no status line: {line:?}"))
+            .parse()
+            .unwrap();
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut h = String::new();
+            self.reader.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap();
+            headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+        }
+        let mut body = Vec::new();
+        if let Some(n) = headers.get("content-length") {
+            body.resize(n.parse().unwrap(), 0);
+            self.reader.read_exact(&mut body).unwrap();
+        } else if headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v == "chunked")
+        {
+            loop {
+                let mut size = String::new();
+                self.reader.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+                if n == 0 {
+                    let mut end = String::new();
+                    while {
+                        end.clear();
+                        self.reader.read_line(&mut end).unwrap();
+                        end != "\r\n"
+                    } {}
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + n, 0);
+                self.reader.read_exact(&mut body[start..]).unwrap();
+                let mut crlf = [0u8; 2];
+                self.reader.read_exact(&mut crlf).unwrap();
+            }
+        }
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+/// Waits until the proxy's `name{labels}` reaches `at_least`: a request is recorded just after
+/// its response is written, so a scrape may come a moment before it.
+fn wait_metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
+    proxy.wait_until(&format!("{name}{labels:?} >= {at_least}"), |p| {
+        metric(&p.metrics(), name, labels) >= at_least
+    });
+    metric(&proxy.metrics(), name, labels)
+}
+
+fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    Client::connect(addr).get(path, headers)
+}
+
+/// The app's request count for `key` (its `/__stats`), asked directly, not through the proxy.
+fn upstream_count(app: SocketAddr, key: &str) -> u64 {
+    let stats = get(app, "/__stats", &[]).text();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    v["keys"][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn keep_alive_requests_route_by_header_and_weight() {
+    let mesh = mesh(&virtual_service(
+        "  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: web, subset: v2}}]\n\
+         \x20 - route:\n    - {destination: {host: web, subset: v1}, weight: 70}\n    - {destination: {host: web, subset: v2}, weight: 30}\n",
+    ));
+    let mut client = Client::connect(mesh.listen);
+    for _ in 0..5 {
+        let r = client.get("/", &[("end-user", "jason")]);
+        assert_eq!((r.status, r.served_by()), (200, "v2"), "{r:?}");
+    }
+    let n = 1000;
+    let v1 = (0..n)
+        .filter(|_| client.get("/", &[]).served_by() == "v1")
+        .count();
+    // 70 % of 1000: within 4 standard deviations of a binomial (σ ≈ 14.5).
+    assert!((642..=758).contains(&v1), "v1 took {v1} of {n}");
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[
+            ("response_code", "200"),
+            ("destination_version", "v2"),
+            ("reporter", "source"),
+        ],
+        5.0,
+    );
+}
+
+#[test]
+fn retries_are_counted_at_the_upstream_and_default_policy_applies() {
+    let mesh = mesh(&virtual_service(
+        "  - match: [{uri: {prefix: /fail/explicit}}]\n    retries: {attempts: 3, retryOn: 5xx}\n\
+         \x20   route: [{destination: {host: web, subset: v1}}]\n\
+         \x20 - match: [{uri: {prefix: /fail/none}}]\n    retries: {attempts: 0}\n\
+         \x20   route: [{destination: {host: web, subset: v1}}]\n\
+         \x20 - route: [{destination: {host: web, subset: v1}}]\n",
+    ));
+    // Explicit policy: two 500s, then success — three attempts at the upstream.
+    let r = get(mesh.listen, "/fail/explicit/2/500", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(upstream_count(mesh.v1, "explicit"), 3);
+    // Istio's default policy (no `retries`): 503 is retried twice...
+    let r = get(mesh.listen, "/fail/dflt/2/503", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(upstream_count(mesh.v1, "dflt"), 3);
+    // ...but a 500 is not.
+    let r = get(mesh.listen, "/fail/dflt500/1/500", &[]);
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(upstream_count(mesh.v1, "dflt500"), 1);
+    // Exhausted: the last 503 goes back, flagged URX.
+    let r = get(mesh.listen, "/fail/dfltx/9/503", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(upstream_count(mesh.v1, "dfltx"), 3);
+    // attempts: 0 disables retries.
+    let r = get(mesh.listen, "/fail/none/1/503", &[]);
+    assert_eq!(r.status, 503);
+    assert_eq!(upstream_count(mesh.v1, "none"), 1);
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "503"), ("response_flags", "URX")],
+        1.0,
+    );
+}
+
+#[test]
+fn route_timeout_answers_504_ut_and_fault_delay_is_measured() {
+    let mesh = mesh(&virtual_service(
+        "  - match: [{uri: {prefix: /delay}}]\n    timeout: 0.3s\n    route: [{destination: {host: web, subset: v1}}]\n\
+         \x20 - match: [{uri: {exact: /slow}}]\n    fault: {delay: {fixedDelay: 0.4s, percentage: {value: 100}}}\n\
+         \x20   rewrite: {uri: /}\n    route: [{destination: {host: web, subset: v1}}]\n",
+    ));
+    let started = Instant::now();
+    let r = get(mesh.listen, "/delay/3000", &[]);
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let started = Instant::now();
+    let r = get(mesh.listen, "/slow", &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from v1\n"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "504"), ("response_flags", "UT")],
+        1.0,
+    );
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "200"), ("response_flags", "DI")],
+        1.0,
+    );
+}
+
+#[test]
+fn fault_abort_at_half_the_requests_is_within_bounds() {
+    let mesh = mesh(&virtual_service(
+        "  - fault: {abort: {httpStatus: 418, percentage: {value: 50}}}\n    route: [{destination: {host: web, subset: v1}}]\n",
+    ));
+    let mut client = Client::connect(mesh.listen);
+    let n = 1000;
+    let aborted = (0..n)
+        .filter(|_| client.get("/", &[]).status == 418)
+        .count();
+    // Binomial(1000, 0.5): σ ≈ 15.8; 4σ bounds.
+    assert!((437..=563).contains(&aborted), "{aborted} of {n} aborted");
+    let counted = wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "418"), ("response_flags", "FI")],
+        aborted as f64,
+    );
+    assert_eq!(counted, aborted as f64);
+}
+
+#[test]
+fn redirect_rewrite_headers_and_direct_response() {
+    let mesh = mesh(&virtual_service(
+        "  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new, authority: other.example}\n\
+         \x20 - match: [{uri: {exact: /canned}}]\n    directResponse: {status: 503, body: {string: unavailable}}\n\
+         \x20 - match: [{uri: {prefix: /api}}]\n    rewrite: {uri: /headers}\n\
+         \x20   headers:\n      request: {set: {x-set: one}, add: {x-added: two}, remove: [x-drop]}\n      response: {set: {x-resp: three}}\n\
+         \x20   route: [{destination: {host: web, subset: v1}}]\n",
+    ));
+    let r = get(mesh.listen, "/old/page", &[]);
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("http://other.example/new"));
+    let r = get(mesh.listen, "/canned", &[]);
+    assert_eq!((r.status, r.text().as_str()), (503, "unavailable"));
+    let r = get(
+        mesh.listen,
+        "/api?q=1",
+        &[("X-Drop", "gone"), ("X-Case-Kept", "yes")],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-resp"), Some("three"));
+    let seen = r.text();
+    assert!(seen.starts_with("GET /headers?q=1 HTTP/1.1"), "{seen}");
+    assert!(
+        seen.contains("x-set: one") && seen.contains("x-added: two"),
+        "{seen}"
+    );
+    assert!(!seen.to_ascii_lowercase().contains("x-drop"), "{seen}");
+    assert!(
+        seen.contains("X-Case-Kept: yes"),
+        "header case lost: {seen}"
+    );
+    // No rule matches: 404 NR.
+    let mesh2 = self::mesh(&virtual_service(
+        "  - match: [{uri: {exact: /only}}]\n    route: [{destination: {host: web}}]\n",
+    ));
+    let r = get(mesh2.listen, "/elsewhere", &[]);
+    assert_eq!(r.status, 404);
+    wait_metric(
+        &mesh2.proxy,
+        "istio_requests_total",
+        &[("response_code", "404"), ("response_flags", "NR")],
+        1.0,
+    );
+}
+
+#[test]
+fn smuggling_vectors_are_refused_and_the_connection_closed() {
+    let mesh = mesh("");
+    let vectors: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: web\r\nX-Folded: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: web\r\nX-Bad: a\rb\r\n\r\n",
+    ];
+    for raw in vectors {
+        let mut client = Client::connect(mesh.listen);
+        client.send_raw(raw);
+        let r = client.read_response();
+        assert!(
+            matches!(r.status, 400 | 501),
+            "{:?} got {r:?}",
+            String::from_utf8_lossy(raw)
+        );
+        let mut rest = Vec::new();
+        let _ = client.reader.read_to_end(&mut rest);
+        assert!(rest.is_empty() || r.status == 400, "more after the refusal");
+    }
+    // A body that is fine still goes through, chunked and with 100-continue.
+    let mut client = Client::connect(mesh.listen);
+    client.send_raw(b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+    let r = client.read_response();
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    client.send_raw(
+        b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    let r = client.read_response();
+    assert_eq!(r.status, 100);
+    client.send_raw(b"world");
+    let r = client.read_response();
+    assert_eq!((r.status, r.text().as_str()), (200, "world"));
+}
+
+#[test]
+fn websocket_upgrade_is_tunnelled() {
+    let mesh = mesh("");
+    let mut client = Client::connect(mesh.listen);
+    client.send_raw(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    let r = client.read_response();
+    assert_eq!(r.status, 101, "{r:?}");
+    assert_eq!(
+        r.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    // A masked text frame "hi", echoed back unmasked.
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 2];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"hi".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    client.send_raw(&frame);
+    let mut echo = [0u8; 4];
+    client.reader.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, &[0x81, 2, b'h', b'i']);
+}
