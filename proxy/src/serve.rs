@@ -12,6 +12,8 @@ use std::time::Instant;
 use crate::connect::{self, ConnectPolicy};
 use crate::detect::{self, Protocol};
 use crate::drain;
+use crate::outlier::{self, Outcome};
+use crate::breaker;
 use crate::http::{self, server::ConnInfo};
 use crate::listen::{self, OrigDst};
 use crate::metrics::{DetectionLabels, Metrics, TimeoutLabels};
@@ -105,7 +107,7 @@ pub async fn connection<R: Runtime>(
             }
         }
     };
-    if classified.protocol == Protocol::Http1 {
+    if matches!(classified.protocol, Protocol::Http1 | Protocol::Http2) {
         let stream = match downstream.into_tokio() {
             Ok(stream) => stream,
             Err(e) => return tracing::warn!("moving a connection to L7 failed: {e}"),
@@ -116,15 +118,56 @@ pub async fn connection<R: Runtime>(
             dst,
         };
         ctx.metrics.active_connections.inc();
-        http::server::serve(stream, classified.prefix, info, ctx, drain).await;
+        if classified.protocol == Protocol::Http2 {
+            http::h2::serve(stream, classified.prefix, info, ctx, drain).await;
+        } else {
+            http::server::serve(stream, classified.prefix, info, ctx, drain).await;
+        }
         ctx.metrics.active_connections.dec();
         return;
     }
     // One snapshot for the whole connection: a reload never changes a connection's route.
-    let plan = route::plan(&ctx.store.load(), direction, dst, ctx.connect.attempts);
+    let plan = route::plan(
+        &ctx.store.load(),
+        direction,
+        dst,
+        peer.addr.ip(),
+        ctx.connect.attempts,
+    );
+    // Circuit breaking: `connectionPool.tcp.maxConnections` over every worker.
+    let cluster = plan.cluster();
+    let _admitted = match cluster.map(|c| breaker::admit_connection(c)) {
+        Some(None) => {
+            let why = "connectionPool.tcp.maxConnections reached";
+            let flag = ResponseFlag::UpstreamOverflow;
+            return refused(ctx, direction, &plan, &peer, dst, flag, why);
+        }
+        Some(admitted) => admitted,
+        None => None,
+    };
     let upstream = match connect::connect::<R>(&plan.candidates, &ctx.connect).await {
-        Ok(upstream) => upstream,
+        Ok(upstream) => {
+            // Outlier detection: the candidates tried before this one failed to connect.
+            if let Some(cluster) = cluster {
+                for &(_, tried) in plan.candidates.iter().take_while(|(a, _)| *a != upstream.addr) {
+                    if let Some(i) = tried {
+                        outlier::record(cluster, i, Outcome::LocalFailure);
+                    }
+                }
+                if let Some(i) = upstream.endpoint {
+                    outlier::record(cluster, i, Outcome::Connected);
+                }
+            }
+            upstream
+        }
         Err(e) => {
+            if let Some(cluster) = cluster {
+                for &(_, tried) in plan.candidates.iter().take(e.attempts()) {
+                    if let Some(i) = tried {
+                        outlier::record(cluster, i, Outcome::LocalFailure);
+                    }
+                }
+            }
             let flag = if plan.candidates.is_empty() {
                 plan.failure
             } else {

@@ -14,8 +14,11 @@ raw bytes. Prints READY on stdout once listening (the harness's readiness signal
                         seen (Count itself not counted); a request of b"reset" zeroes
                         everything (the Fail attempts too) after answering.
 
-Every call gets initial and trailing metadata x-served-by: NAME. Any other method is
-UNIMPLEMENTED (grpcio's own answer).
+Every call gets initial and trailing metadata x-served-by: NAME, except a failing Fail
+attempt: that one is trailers-only (status and trailing metadata in the one HEADERS frame, as a
+server's early error is), which is what a proxy's gRPC retry acts on (Envoy retries
+`unavailable` on the response head only). Any other method is UNIMPLEMENTED (grpcio's own
+answer).
 """
 import argparse
 import json
@@ -40,14 +43,15 @@ class Peer:
         self.keys = {}
         self.attempts = {}
 
-    def seen(self, method, context, key=None):
+    def seen(self, method, context, key=None, initial=True):
         with self.lock:
             self.total += 1
             self.methods[method] = self.methods.get(method, 0) + 1
             if key is not None:
                 self.keys[key] = self.keys.get(key, 0) + 1
         served = (("x-served-by", self.name),)
-        context.send_initial_metadata(served)
+        if initial:
+            context.send_initial_metadata(served)
         context.set_trailing_metadata(served)
 
     def echo(self, request, context):
@@ -70,9 +74,9 @@ class Peer:
             count = int(metadata.get("x-fail-count", "1"))
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "x-fail-count is not a number")
-        self.seen("Fail", context, key)
         with self.lock:
             attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
+        self.seen("Fail", context, key, initial=attempt > count)
         context.set_trailing_metadata(
             (("x-served-by", self.name), ("x-attempt", str(attempt)))
         )

@@ -357,7 +357,8 @@ fn content_length(headers: &[Header]) -> Result<Option<u64>, H1Error> {
     Ok(length)
 }
 
-fn trim(bytes: &[u8]) -> &[u8] {
+/// `bytes` without leading and trailing spaces and tabs (optional whitespace).
+pub(crate) fn trim(bytes: &[u8]) -> &[u8] {
     let start = bytes
         .iter()
         .position(|b| !matches!(b, b' ' | b'\t'))

@@ -10,6 +10,7 @@ use std::time::Duration;
 pub mod body;
 pub mod filters;
 pub mod h1;
+pub mod h2;
 pub mod io;
 pub mod local;
 pub mod pool;

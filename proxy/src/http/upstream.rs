@@ -86,6 +86,16 @@ pub struct Up {
 }
 
 impl Up {
+    /// A checked-out connection about to carry an exchange (`used`: its exchanges so far).
+    pub(crate) fn new(conn: Conn, addr: SocketAddr, used: u32, max_requests: u32) -> Self {
+        Up {
+            conn,
+            addr,
+            used,
+            max_requests,
+        }
+    }
+
     /// Back to the pool after a complete exchange (unless it has carried its maximum).
     pub fn give_back(self, idle: Duration) {
         let used = self.used + 1;
