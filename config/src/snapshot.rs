@@ -13,6 +13,7 @@ use crate::net::IpNet;
 use crate::CLUSTER_DOMAIN;
 
 mod http;
+mod load;
 mod policy;
 
 pub use http::{
@@ -20,6 +21,7 @@ pub use http::{
     HttpAction, HttpDestination, HttpMatch, HttpRoute, Mirror, Redirect, RetryOn, RetryPolicy,
     Rewrite, StringMatch,
 };
+pub use load::{now_ms, ClusterLoad, EndpointLoad};
 pub use policy::{
     ConnectionPool, ConsistentHash, H2Upgrade, HashAlgorithm, HashKey, LoadBalancer,
     OutlierDetection, RetryBudget, TcpKeepalive, TrafficPolicy,
@@ -212,7 +214,13 @@ impl Snapshot {
         };
         let continue_cluster = |cluster: &Cluster| {
             let start = match old_clusters.get(&*cluster.name) {
-                Some(old) if old.same_endpoints(cluster) => old.ticket.load(Ordering::Relaxed),
+                Some(old) if old.same_endpoints(cluster) => {
+                    // Requests in flight, ejections and the hash ring go on as they were.
+                    if let Some(load) = old.load.get() {
+                        let _ = cluster.load.set(load.clone());
+                    }
+                    old.ticket.load(Ordering::Relaxed)
+                }
                 _ => offset(&cluster.name),
             };
             cluster.ticket.store(start, Ordering::Relaxed);
@@ -511,6 +519,9 @@ pub struct Cluster {
     /// The DestinationRule policy for this cluster, merged and defaulted.
     pub policy: Arc<TrafficPolicy>,
     ticket: AtomicUsize,
+    /// Live counters ([`Cluster::load`]), shared with the cluster this one replaced when the
+    /// endpoints are the same.
+    load: std::sync::OnceLock<Arc<ClusterLoad>>,
 }
 
 impl Cluster {
@@ -537,6 +548,7 @@ impl Cluster {
             passthrough,
             policy,
             ticket: AtomicUsize::new(0),
+            load: std::sync::OnceLock::new(),
         }
     }
 

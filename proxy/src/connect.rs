@@ -50,6 +50,16 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// How many candidates were dialled.
+    pub fn attempts(&self) -> usize {
+        match self {
+            ConnectError::NoCandidates => 0,
+            ConnectError::Failed { attempts, .. } | ConnectError::Deadline { attempts, .. } => {
+                *attempts
+            }
+        }
+    }
+
     pub fn flag(&self) -> ResponseFlag {
         match self {
             ConnectError::NoCandidates => ResponseFlag::NoHealthyUpstream,

@@ -11,12 +11,14 @@
 
 pub mod admin;
 pub mod balance;
+pub mod breaker;
 pub mod connect;
 pub mod detect;
 pub mod drain;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod outlier;
 pub mod policy;
 pub mod process;
 pub mod relay;

@@ -181,6 +181,7 @@ pub struct Metrics {
     pub io_backend: Family<BackendLabels, Gauge>,
     pub active_connections: Gauge,
     pub http_idle_connections: Gauge,
+    pub outlier_ejections: Counter,
     pub connections_refused: Family<RefusedLabels, Counter>,
     pub accept_errors: Family<DirectionLabels, Counter>,
     pub connection_timeouts: Family<TimeoutLabels, Counter>,
@@ -314,6 +315,12 @@ impl Metrics {
              included in isthmus_proxy_active_connections",
             http_idle_connections.clone(),
         );
+        let outlier_ejections = Counter::default();
+        registry.register(
+            "isthmus_proxy_outlier_ejections",
+            "Endpoints ejected by outlier detection (DestinationRule outlierDetection)",
+            outlier_ejections.clone(),
+        );
         let connections_refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "isthmus_proxy_connections_refused",
@@ -361,6 +368,7 @@ impl Metrics {
             io_backend,
             active_connections,
             http_idle_connections,
+            outlier_ejections,
         }
     }
 

@@ -2,10 +2,10 @@
 //! table-tested without sockets. [`plan`] turns a decision into the candidates the connect
 //! stage dials.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use isthmus_config::{Cluster, OutboundPolicy, Service, Snapshot, TcpRoute};
+use isthmus_config::{Cluster, HashKey, LoadBalancer, OutboundPolicy, Service, Snapshot, TcpRoute};
 
 use crate::balance::{self, pick_weighted};
 use crate::metrics::TcpLabels;
@@ -46,6 +46,14 @@ impl Plan {
         }
     }
 
+    /// The registry cluster the connection goes to, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        match &self.target {
+            Target::Service { cluster, .. } => Some(cluster),
+            _ => None,
+        }
+    }
+
     /// Istio-style cluster name, for the access log.
     pub fn cluster_name(&self, dst: SocketAddr) -> String {
         match &self.target {
@@ -58,7 +66,13 @@ impl Plan {
 
 /// Plans a connection to `dst`: inbound goes to the original destination (the app); outbound
 /// follows the snapshot's route and balancer, with up to `attempts` endpoints to try.
-pub fn plan(snapshot: &Snapshot, direction: Direction, dst: SocketAddr, attempts: usize) -> Plan {
+pub fn plan(
+    snapshot: &Snapshot,
+    direction: Direction,
+    dst: SocketAddr,
+    source: IpAddr,
+    attempts: usize,
+) -> Plan {
     let passthrough = |target| Plan {
         target,
         candidates: vec![(dst, None)],
@@ -75,10 +89,17 @@ pub fn plan(snapshot: &Snapshot, direction: Direction, dst: SocketAddr, attempts
                 service: service.clone(),
                 cluster: cluster.clone(),
             };
-            if cluster.passthrough {
+            if cluster.passthrough || cluster.policy.load_balancer == LoadBalancer::Passthrough {
                 return passthrough(target);
             }
-            let candidates: Vec<_> = balance::candidates(cluster, attempts)
+            // A TCP connection's only hash key is its source address.
+            let hash = match &cluster.policy.load_balancer {
+                LoadBalancer::ConsistentHash(policy) if policy.key == HashKey::SourceIp => {
+                    Some(balance::key_hash(source.to_string().as_bytes()))
+                }
+                _ => None,
+            };
+            let candidates: Vec<_> = balance::candidates(cluster, attempts, hash)
                 .into_iter()
                 .map(|i| (cluster.endpoints[i].addr, Some(i)))
                 .collect();

@@ -98,6 +98,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
             backend: backend.as_str(),
         })
         .set(1);
+    crate::outlier::count_ejections(metrics.outlier_ejections.clone());
     let store = ConfigStore::new(metrics.clone());
 
     // Bind every data-path socket before anything reports ready.

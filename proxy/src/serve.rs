@@ -9,14 +9,14 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::breaker;
 use crate::connect::{self, ConnectPolicy};
 use crate::detect::{self, Protocol};
 use crate::drain;
-use crate::outlier::{self, Outcome};
-use crate::breaker;
 use crate::http::{self, server::ConnInfo};
 use crate::listen::{self, OrigDst};
 use crate::metrics::{DetectionLabels, Metrics, TimeoutLabels};
+use crate::outlier::{self, Outcome};
 use crate::policy::{self, BeforeConfig, Peer};
 use crate::relay::{self, Bounds, End, Ends};
 use crate::route::{self, Plan};
@@ -149,7 +149,11 @@ pub async fn connection<R: Runtime>(
         Ok(upstream) => {
             // Outlier detection: the candidates tried before this one failed to connect.
             if let Some(cluster) = cluster {
-                for &(_, tried) in plan.candidates.iter().take_while(|(a, _)| *a != upstream.addr) {
+                for &(_, tried) in plan
+                    .candidates
+                    .iter()
+                    .take_while(|(a, _)| *a != upstream.addr)
+                {
                     if let Some(i) = tried {
                         outlier::record(cluster, i, Outcome::LocalFailure);
                     }

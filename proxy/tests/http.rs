@@ -27,8 +27,14 @@ fn app(name: &'static str) -> SocketAddr {
     http
 }
 
-/// `web` at 10.96.0.2:80 (HTTP) with endpoints v1 and v2, subsets for both, and `extra` YAML.
-fn registry(v1: SocketAddr, v2: SocketAddr, extra: &str) -> String {
+/// `web` at 10.96.0.2:80 (HTTP) with endpoints v1 and v2, subsets for both, `policy` as the
+/// DestinationRule's `trafficPolicy`, and `extra` YAML.
+fn registry_with_policy(v1: SocketAddr, v2: SocketAddr, policy: &str, extra: &str) -> String {
+    // Istio refuses an empty `trafficPolicy`.
+    let policy = match policy {
+        "{}" => String::new(),
+        p => format!("  trafficPolicy: {p}\n"),
+    };
     format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web, namespace: test}}\n\
          spec:\n  hosts: [web]\n  addresses: [10.96.0.2]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n\
@@ -36,7 +42,7 @@ fn registry(v1: SocketAddr, v2: SocketAddr, extra: &str) -> String {
          \x20 - {{address: 127.0.0.1, ports: {{http: {}}}, labels: {{version: v1}}}}\n\
          \x20 - {{address: 127.0.0.1, ports: {{http: {}}}, labels: {{version: v2}}}}\n---\n\
          apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: test}}\n\
-         spec:\n  host: web\n  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n\
+         spec:\n  host: web\n{policy}  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n\
          {extra}",
         v1.port(),
         v2.port()
@@ -50,14 +56,20 @@ struct Mesh {
 }
 
 fn mesh(extra: &str) -> Mesh {
-    let (v1, v2) = (app("v1"), app("v2"));
+    mesh_with(app("v2"), "{}", extra)
+}
+
+/// A mesh whose second endpoint is `v2` (an app, or an address nobody listens on) and whose
+/// DestinationRule has `policy` as its `trafficPolicy`.
+fn mesh_with(v2: SocketAddr, policy: &str, extra: &str) -> Mesh {
+    let v1 = app("v1");
     let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let proxy = start(Options {
         args: vec!["--explicit".into(), format!("{listen}=10.96.0.2:80")],
         wait_ready: false,
         ..Options::default()
     });
-    proxy.reconfigure(&registry(v1, v2, extra));
+    proxy.reconfigure(&registry_with_policy(v1, v2, policy, extra));
     proxy.wait_until("ready", |p| p.get("/ready").starts_with("HTTP/1.1 200"));
     Mesh { proxy, listen, v1 }
 }
@@ -426,4 +438,137 @@ fn websocket_upgrade_is_tunnelled() {
     let mut echo = [0u8; 4];
     client.reader.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, &[0x81, 2, b'h', b'i']);
+}
+
+#[test]
+fn load_balancer_policies_distribute_and_consistent_hash_sticks() {
+    // ROUND_ROBIN: exact alternation.
+    let mesh = mesh_with(app("v2"), "{loadBalancer: {simple: ROUND_ROBIN}}", "");
+    let mut client = Client::connect(mesh.listen);
+    let v1 = (0..100)
+        .filter(|_| client.get("/", &[]).served_by() == "v1")
+        .count();
+    assert_eq!(v1, 50);
+    // RANDOM and LEAST_REQUEST (Istio's default; sequential requests tie, so both are used):
+    // Binomial(1000, 0.5), 4σ bounds.
+    for policy in ["{loadBalancer: {simple: RANDOM}}", "{}"] {
+        let mesh = mesh_with(app("v2"), policy, "");
+        let mut client = Client::connect(mesh.listen);
+        let v1 = (0..1000)
+            .filter(|_| client.get("/", &[]).served_by() == "v1")
+            .count();
+        assert!((437..=563).contains(&v1), "{policy}: v1 took {v1} of 1000");
+    }
+    // Consistent hash on a header: each user sticks to one endpoint; users spread over both.
+    for algorithm in [
+        "ringHash: {minimumRingSize: 1024}",
+        "maglev: {tableSize: 65537}",
+    ] {
+        let policy = format!(
+            "{{loadBalancer: {{consistentHash: {{httpHeaderName: x-user, {algorithm}}}}}}}"
+        );
+        let mesh = mesh_with(app("v2"), &policy, "");
+        let mut client = Client::connect(mesh.listen);
+        let mut owners = BTreeMap::new();
+        for user in 0..40 {
+            let user = format!("user-{user}");
+            let seen: std::collections::BTreeSet<String> = (0..5)
+                .map(|_| {
+                    client
+                        .get("/", &[("x-user", &user)])
+                        .served_by()
+                        .to_string()
+                })
+                .collect();
+            assert_eq!(seen.len(), 1, "{algorithm}: {user} went to {seen:?}");
+            *owners.entry(seen.into_iter().next().unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            owners.len(),
+            2,
+            "{algorithm}: every user on one endpoint: {owners:?}"
+        );
+    }
+}
+
+#[test]
+fn circuit_breaker_overflow_answers_503_uo_at_once() {
+    // maxConnections 1 + http1MaxPendingRequests 1: two requests in flight, no more.
+    let mesh = mesh_with(
+        app("v2"),
+        "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}",
+        "",
+    );
+    let listen = mesh.listen;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(listen);
+                barrier.wait();
+                let started = Instant::now();
+                let r = client.get("/delay/600", &[]);
+                (r.status, started.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<(u16, Duration)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let overflow: Vec<_> = results.iter().filter(|(s, _)| *s == 503).collect();
+    assert!((1..=2).contains(&ok), "{results:?}");
+    assert_eq!(ok + overflow.len(), 8, "{results:?}");
+    // Refused at once, not after waiting for the upstream.
+    assert!(
+        overflow
+            .iter()
+            .all(|(_, took)| *took < Duration::from_millis(500)),
+        "{results:?}"
+    );
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "503"), ("response_flags", "UO")],
+        overflow.len() as f64,
+    );
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_then_readmits_it() {
+    // The second endpoint refuses connections: two consecutive failures eject it for 1 s.
+    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mesh = mesh_with(
+        dead,
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 1s, \
+         baseEjectionTime: 1s, maxEjectionPercent: 100}}",
+        "",
+    );
+    let mut client = Client::connect(mesh.listen);
+    // Every request succeeds: a refused connect is retried (Istio's default policy).
+    for _ in 0..6 {
+        assert_eq!(client.get("/", &[]).status, 200);
+    }
+    let ejections = |p: &Proxy| {
+        isthmus_tests::probe::gauge(&p.metrics(), "isthmus_proxy_outlier_ejections_total")
+            .unwrap_or(0.0)
+    };
+    mesh.proxy
+        .wait_until("an ejection", |p| ejections(p) >= 1.0);
+    // Ejected: every request now goes to v1 without a failed attempt first.
+    for _ in 0..10 {
+        let r = client.get("/", &[]);
+        assert_eq!((r.status, r.served_by()), (200, "v1"));
+    }
+    assert_eq!(
+        ejections(&mesh.proxy),
+        1.0,
+        "ejected again while still ejected"
+    );
+    // After the ejection time it is tried again, fails twice, and is ejected a second time.
+    std::thread::sleep(Duration::from_millis(1100));
+    for _ in 0..6 {
+        assert_eq!(client.get("/", &[]).status, 200);
+    }
+    mesh.proxy
+        .wait_until("a second ejection", |p| ejections(p) >= 2.0);
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_config::{
-    Cluster, HttpAction, HttpDestination, HttpMatch, HttpRoute, OutboundPolicy, Snapshot,
+    Cluster, HashKey, HttpAction, HttpDestination, HttpMatch, HttpRoute, LoadBalancer,
+    OutboundPolicy, Snapshot,
 };
 use tokio::net::TcpStream;
 
@@ -22,8 +23,10 @@ use super::router::{self, RequestView, Source};
 use super::upstream::{self, Failure, Upstream};
 use super::{filters, Settings};
 use crate::balance;
+use crate::breaker;
 use crate::drain::{self, Phase};
 use crate::metrics::{HttpHandles, HttpLabels};
+use crate::outlier;
 use crate::route::Target;
 use crate::serve::{Context, Direction};
 use crate::telemetry::ResponseFlag;
@@ -164,6 +167,9 @@ pub(crate) struct Forward<'s> {
     pub(crate) route: Option<&'s HttpRoute>,
     pub(crate) matched: Option<&'s HttpMatch>,
     pub(crate) destination: Option<&'s HttpDestination>,
+    /// The request's consistent-hash key, when the cluster's balancer hashes and the request
+    /// carries the key.
+    pub(crate) hash: Option<u64>,
 }
 
 impl Forward<'_> {
@@ -205,10 +211,20 @@ impl Forward<'_> {
     /// original destination (inbound, passthrough). `None`: no healthy endpoint.
     pub(crate) fn next_endpoint(&self, dst: SocketAddr) -> Option<(SocketAddr, Option<usize>)> {
         match self.cluster {
-            Some(cluster) if !cluster.passthrough => balance::candidates(cluster, 1)
-                .first()
-                .map(|&i| (cluster.endpoints[i].addr, Some(i))),
+            Some(cluster)
+                if !cluster.passthrough
+                    && cluster.policy.load_balancer != LoadBalancer::Passthrough =>
+            {
+                balance::pick(cluster, self.hash).map(|i| (cluster.endpoints[i].addr, Some(i)))
+            }
             _ => Some((dst, None)),
+        }
+    }
+
+    /// Outlier detection's view of an attempt at one of the cluster's endpoints.
+    pub(crate) fn observe(&self, endpoint: Option<usize>, outcome: outlier::Outcome) {
+        if let (Some(cluster), Some(i)) = (self.cluster, endpoint) {
+            outlier::record(cluster, i, outcome);
         }
     }
 
@@ -256,6 +272,7 @@ pub(crate) fn decide<'s>(
             route: None,
             matched: None,
             destination: None,
+            hash: None,
         });
     }
     let port = info.dst.port();
@@ -270,6 +287,7 @@ pub(crate) fn decide<'s>(
                 route: None,
                 matched: None,
                 destination: None,
+                hash: None,
             }),
             OutboundPolicy::RegistryOnly => {
                 Decision::Local(Local::new(502, Vec::new(), ResponseFlag::NoRoute))
@@ -305,7 +323,29 @@ pub(crate) fn decide<'s>(
         route: Some(route),
         matched,
         destination: Some(destination),
+        hash: request_hash(&destination.cluster, view, info.peer),
     })
+}
+
+/// The consistent-hash key of a request for `cluster`'s balancer (DestinationRule
+/// `consistentHash`), hashed; `None` when the balancer does not hash or the key is absent.
+fn request_hash(cluster: &Cluster, view: &RequestView<'_>, peer: SocketAddr) -> Option<u64> {
+    let LoadBalancer::ConsistentHash(policy) = &cluster.policy.load_balancer else {
+        return None;
+    };
+    let key = match &policy.key {
+        HashKey::Header(name) => view.header(name)?.to_string(),
+        HashKey::Cookie { name, .. } => view
+            .header("cookie")?
+            .split(';')
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)?
+            .1
+            .to_string(),
+        HashKey::SourceIp => peer.ip().to_string(),
+        HashKey::QueryParameter(name) => view.query_param(name)?.to_string(),
+    };
+    Some(balance::key_hash(key.as_bytes()))
 }
 
 /// Serves one request. Returns whether the connection may carry another.
@@ -466,10 +506,39 @@ async fn exchange(
     let mut head_bytes = Vec::with_capacity(512);
     h1::encode_request_head(&head, &mut head_bytes);
 
+    // Circuit breaking: over the cluster's limits, 503 UO at once.
+    let _admitted = match forward.cluster.map(|c| breaker::admit_request(c)) {
+        Some(None) => {
+            let local = Local::failure(ResponseFlag::UpstreamOverflow);
+            let keep = answer_locally(down, &head, &local, settings, draining).await;
+            record.status = local.status;
+            record.flag = local.flag;
+            finish(handles, None, &record);
+            return keep;
+        }
+        Some(admitted) => admitted,
+        None => None,
+    };
+    // Retries in flight count against `maxRetries`, over every worker.
+    let mut retries = Vec::new();
+    let retry_budget = |held: &mut Vec<_>| match forward.cluster {
+        None => true,
+        Some(cluster) => match breaker::admit_retry(cluster) {
+            Some(guard) => {
+                held.push(guard);
+                true
+            }
+            None => false,
+        },
+    };
     let outcome = loop {
         let Some((addr, endpoint)) = forward.next_endpoint(info.dst) else {
             break Err((Failure::NoHealthyUpstream, None));
         };
+        let _at_endpoint = forward
+            .cluster
+            .zip(endpoint)
+            .and_then(|(c, i)| breaker::at_endpoint(c, i));
         let try_deadline = attempts.deadline(route_deadline);
         let upstream = forward.upstream(addr, ctx);
         let body_len = match head.framing {
@@ -493,8 +562,9 @@ async fn exchange(
         .await;
         match result {
             Ok((up, response)) => {
+                forward.observe(endpoint, outlier::Outcome::Status(response.status));
                 let grpc = retry::grpc_status_of(&response.headers);
-                if attempts.retry_on_status(response.status, grpc) {
+                if attempts.retry_on_status(response.status, grpc) && retry_budget(&mut retries) {
                     upstream::finish_discarded(up, &response, &head.method, settings, pool_idle)
                         .await;
                     attempts.backoff().await;
@@ -503,7 +573,10 @@ async fn exchange(
                 break Ok((up, response, endpoint));
             }
             Err(failure) => {
-                if attempts.retry_on_failure(&failure) {
+                if failure.is_retriable_kind() {
+                    forward.observe(endpoint, outlier::Outcome::LocalFailure);
+                }
+                if attempts.retry_on_failure(&failure) && retry_budget(&mut retries) {
                     attempts.backoff().await;
                     continue;
                 }
