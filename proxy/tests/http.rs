@@ -53,6 +53,7 @@ struct Mesh {
     proxy: Proxy,
     listen: SocketAddr,
     v1: SocketAddr,
+    v2: SocketAddr,
 }
 
 fn mesh(extra: &str) -> Mesh {
@@ -71,7 +72,12 @@ fn mesh_with(v2: SocketAddr, policy: &str, extra: &str) -> Mesh {
     });
     proxy.reconfigure(&registry_with_policy(v1, v2, policy, extra));
     proxy.wait_until("ready", |p| p.get("/ready").starts_with("HTTP/1.1 200"));
-    Mesh { proxy, listen, v1 }
+    Mesh {
+        proxy,
+        listen,
+        v1,
+        v2,
+    }
 }
 
 fn virtual_service(http: &str) -> String {
@@ -571,4 +577,50 @@ fn outlier_detection_ejects_a_failing_endpoint_then_readmits_it() {
     }
     mesh.proxy
         .wait_until("a second ejection", |p| ejections(p) >= 2.0);
+}
+
+#[test]
+fn mirror_gets_a_copy_and_cors_is_answered() {
+    let mesh = mesh(&virtual_service(
+        "  - route: [{destination: {host: web, subset: v1}}]\n\
+         \x20   mirror: {host: web, subset: v2}\n    mirrorPercentage: {value: 100}\n\
+         \x20   corsPolicy:\n      allowOrigins: [{exact: 'https://app.example'}]\n\
+         \x20     allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      maxAge: 24h\n\
+         \x20     exposeHeaders: [x-served-by]\n",
+    ));
+    let mut client = Client::connect(mesh.listen);
+    for _ in 0..5 {
+        let r = client.get("/?key=mirrored", &[]);
+        assert_eq!((r.status, r.served_by()), (200, "v1"));
+    }
+    assert_eq!(upstream_count(mesh.v1, "mirrored"), 5);
+    // The copies arrive at v2 on their own time: wait for them.
+    mesh.proxy.wait_until("mirrored copies at v2", |_| {
+        upstream_count(mesh.v2, "mirrored") == 5
+    });
+    // A preflight from the allowed origin is answered by the proxy, with the policy.
+    let preflight = "OPTIONS /x HTTP/1.1\r\nHost: web\r\nOrigin: https://app.example\r\n\
+                     Access-Control-Request-Method: POST\r\n\r\n";
+    client.send_raw(preflight.as_bytes());
+    let r = client.read_response();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET,POST"));
+    assert_eq!(r.header("access-control-max-age"), Some("86400"));
+    assert_eq!(r.served_by(), "-", "a preflight reached the upstream");
+    // An actual request from it gets the headers; another origin does not.
+    let r = client.get("/", &[("Origin", "https://app.example")]);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("x-served-by")
+    );
+    let r = client.get("/", &[("Origin", "https://evil.example")]);
+    assert_eq!(r.header("access-control-allow-origin"), None);
 }

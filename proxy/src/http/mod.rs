@@ -8,11 +8,13 @@
 use std::time::Duration;
 
 pub mod body;
+pub mod cors;
 pub mod filters;
 pub mod h1;
 pub mod h2;
 pub mod io;
 pub mod local;
+pub mod mirror;
 pub mod pool;
 pub mod retry;
 pub mod router;

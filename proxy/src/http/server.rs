@@ -15,9 +15,11 @@ use isthmus_config::{
 use tokio::net::TcpStream;
 
 use super::body::{self, BodyError, Chunking};
+use super::cors::{self, Cors};
 use super::h1::{self, Framing, Header, RequestHead, Version};
 use super::io::Conn;
 use super::local::{header, Local};
+use super::mirror;
 use super::retry::{self, Attempts};
 use super::router::{self, RequestView, Source};
 use super::upstream::{self, Failure, Upstream};
@@ -416,6 +418,22 @@ async fn exchange(
         )
     };
 
+    // CORS: an allowed preflight is answered here; an allowed request's response gets the
+    // `Access-Control-*` headers.
+    let cors_headers = match forward.route.and_then(|r| r.cors.as_ref()) {
+        Some(policy) => match cors::check(policy, &view) {
+            Cors::Preflight(local) => {
+                let keep = answer_locally(down, &head, &local, settings, draining).await;
+                record.status = local.status;
+                finish(handles, None, &record);
+                return keep;
+            }
+            Cors::Allowed(headers) => headers,
+            Cors::None => Vec::new(),
+        },
+        None => Vec::new(),
+    };
+
     // Fault injection: abort answers at once, delay waits first.
     if let Some(local) = forward.inject_fault(&mut record).await {
         let keep = answer_locally(down, &head, &local, settings, draining).await;
@@ -499,6 +517,19 @@ async fn exchange(
         }
         _ => false,
     };
+
+    // Mirrors get a copy of a request whose body is in hand; they never slow it down.
+    if let Some(route) = forward
+        .route
+        .filter(|r| !r.mirrors.is_empty() && replayable)
+    {
+        let body = match head.framing {
+            Framing::Length(n) => &down.buffered()[..n as usize],
+            _ => &[],
+        };
+        let connect_timeout = ctx.connect.attempt_timeout;
+        mirror::send(&route.mirrors, &head, body, settings, connect_timeout);
+    }
 
     let mut attempts = Attempts::new(forward.route, replayable, upgrade);
     let route_deadline = forward.route_deadline();
@@ -642,6 +673,7 @@ async fn exchange(
     if !tunnel {
         h1::strip_hop_by_hop(&mut response.headers);
         forward.response_header_ops(&mut response.headers);
+        response.headers.extend(cors_headers);
         match response.framing {
             Framing::Chunked if chunking == Chunking::Keep => {
                 response
