@@ -23,12 +23,14 @@ use super::translate;
 use super::{
     grpc_local, to_header_map, to_headers, until, within, MessageCounter, UpstreamProtocol,
 };
+use crate::breaker::{self, InFlight};
 use crate::http::h1::{Framing, Header};
 use crate::http::local::Local;
 use crate::http::retry::{self, Attempts};
 use crate::http::server::{ConnInfo, Forward, Record};
 use crate::http::upstream::{self, Failure, Upstream};
 use crate::http::Settings;
+use crate::outlier;
 use crate::route::Target;
 use crate::serve::Context;
 use crate::telemetry::ResponseFlag;
@@ -83,19 +85,33 @@ pub(crate) async fn run(
         .cluster
         .and_then(|c| c.policy.connection_pool.max_concurrent_streams);
     let h2_headers = to_header_map(&x.headers);
-    let mut endpoint = None;
     let mut out = Out {
         respond,
         record,
         forward,
         head_only: x.method == Method::HEAD,
         grpc: x.grpc,
+        endpoint: None,
+        retries: Vec::new(),
+    };
+    // Circuit breaking: over the cluster's limits, 503 UO at once.
+    let _admitted = match forward.cluster.map(|c| breaker::admit_request(c)) {
+        Some(None) => {
+            out.local(&Local::failure(ResponseFlag::UpstreamOverflow));
+            return None;
+        }
+        Some(admitted) => admitted,
+        None => None,
     };
     let result = loop {
         let Some((addr, picked)) = forward.next_endpoint(x.info.dst) else {
             break Err(Failure::NoHealthyUpstream);
         };
-        endpoint = picked;
+        out.endpoint = picked;
+        let _at_endpoint = forward
+            .cluster
+            .zip(picked)
+            .and_then(|(c, i)| breaker::at_endpoint(c, i));
         let try_deadline = attempts.deadline(route_deadline);
         let deadlines = (try_deadline, route_deadline);
         let up = forward.upstream(addr, x.ctx);
@@ -117,33 +133,34 @@ pub(crate) async fn run(
         match end {
             AttemptEnd::Done => break Ok(()),
             AttemptEnd::Retry => attempts.backoff().await,
-            AttemptEnd::Failed(f) if body.replayable() && attempts.retry_on_failure(&f) => {
-                attempts.backoff().await
+            AttemptEnd::Failed(f) => {
+                if f.is_retriable_kind() {
+                    forward.observe(out.endpoint, outlier::Outcome::LocalFailure);
+                }
+                if body.replayable() && attempts.retry_on_failure(&f) && out.retry_budget() {
+                    attempts.backoff().await;
+                    continue;
+                }
+                break Err(f);
             }
-            AttemptEnd::Failed(f) => break Err(f),
         }
     };
-    let record = out.record;
-    record.request_bytes = body.bytes;
-    record.request_messages = body.messages.as_ref().map_or(0, |m| m.messages);
+    out.record.request_bytes = body.bytes;
+    out.record.request_messages = body.messages.as_ref().map_or(0, |m| m.messages);
     let Err(failure) = result else {
-        return endpoint;
+        return out.endpoint;
     };
     if failure == Failure::Downstream {
-        record.flag = ResponseFlag::DownstreamConnectionTermination;
+        out.record.flag = ResponseFlag::DownstreamConnectionTermination;
         out.respond.send_reset(Reason::CANCEL);
-        return endpoint;
+        return out.endpoint;
     }
     let mut local = Local::failure(failure.flag());
     if attempts.retried() && failure.is_retriable_kind() {
         local.flag = ResponseFlag::UpstreamRetryLimitExceeded;
     }
-    let local = if x.grpc { grpc_local(&local) } else { local };
-    record.status = local.status;
-    record.flag = local.flag;
-    record.grpc_status = retry::grpc_status_of(&local.headers);
-    record.response_bytes = send_local(out.respond, &local, out.head_only);
-    endpoint
+    out.local(&local);
+    out.endpoint
 }
 
 /// The client's side of the exchange, and what is recorded of it.
@@ -153,9 +170,54 @@ struct Out<'a, 'r> {
     forward: &'a Forward<'r>,
     head_only: bool,
     grpc: bool,
+    /// The endpoint of the current attempt.
+    endpoint: Option<usize>,
+    /// Retries in flight, counted against the cluster's `maxRetries` over every worker.
+    retries: Vec<InFlight<'r>>,
 }
 
 impl Out<'_, '_> {
+    /// Answers with a response made here (trailers-only for gRPC).
+    fn local(&mut self, local: &Local) {
+        let local = if self.grpc {
+            grpc_local(local)
+        } else {
+            local.clone()
+        };
+        self.record.status = local.status;
+        self.record.flag = local.flag;
+        self.record.grpc_status = retry::grpc_status_of(&local.headers);
+        self.record.response_bytes = send_local(self.respond, &local, self.head_only);
+    }
+
+    /// Whether the cluster's `maxRetries` allows one more retry in flight (taking it).
+    fn retry_budget(&mut self) -> bool {
+        let Some(cluster) = self.forward.cluster else {
+            return true;
+        };
+        match breaker::admit_retry(cluster) {
+            Some(guard) => {
+                self.retries.push(guard);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A response head arrived: outlier detection sees its status, and it is retried if the
+    /// policy, the body and the retry budget allow.
+    fn retry_on_status(
+        &mut self,
+        attempts: &mut Attempts<'_>,
+        status: u16,
+        grpc: Option<u32>,
+        replayable: bool,
+    ) -> bool {
+        self.forward
+            .observe(self.endpoint, outlier::Outcome::Status(status));
+        replayable && attempts.retry_on_status(status, grpc) && self.retry_budget()
+    }
+
     /// Sends the response head (the route's and destination's response header operations
     /// applied). `None` when the client has gone.
     fn head(
@@ -281,7 +343,7 @@ async fn h2_attempt(
     };
     let status = parts.status.as_u16();
     let head_grpc = pump::grpc_status_of(&parts.headers);
-    if replayable.get() && attempts.retry_on_status(status, head_grpc) {
+    if out.retry_on_status(attempts, status, head_grpc, replayable.get()) {
         return AttemptEnd::Retry;
     }
     let end = up_recv.is_end_stream();
@@ -345,7 +407,7 @@ async fn h1_attempt(
         Err(f) => return AttemptEnd::Failed(f),
     };
     let grpc = retry::grpc_status_of(&response.headers);
-    if body.replayable() && attempts.retry_on_status(response.status, grpc) {
+    if out.retry_on_status(attempts, response.status, grpc, body.replayable()) {
         upstream::finish_discarded(conn, &response, method, settings, up.pool_idle).await;
         return AttemptEnd::Retry;
     }
