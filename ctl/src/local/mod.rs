@@ -100,12 +100,74 @@ impl PodSpec {
     }
 }
 
+/// A port every service of the mesh declares in the generated registry (a Kubernetes
+/// Service's `ports` entry); each pod's app must serve its target port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub number: u16,
+    /// The port's name; Istio reads the protocol from its prefix when none is declared.
+    pub name: String,
+    /// `protocol:` (HTTP, TCP, GRPC, ...); `None` leaves it to the name, or to detection.
+    pub protocol: Option<String>,
+    /// The endpoints' port, if not the same number.
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn new(number: u16, name: &str) -> Self {
+        ServicePort {
+            number,
+            name: name.into(),
+            protocol: None,
+            target_port: None,
+        }
+    }
+
+    pub fn protocol(mut self, protocol: &str) -> Self {
+        self.protocol = Some(protocol.into());
+        self
+    }
+
+    pub fn target(mut self, port: u16) -> Self {
+        self.target_port = Some(port);
+        self
+    }
+
+    /// What every service gets unless a spec says otherwise: HTTP on 80 (the app's 8080), the
+    /// TCP echo, and gRPC.
+    pub fn defaults() -> Vec<ServicePort> {
+        vec![
+            ServicePort::new(HTTP_SERVICE_PORT, "http")
+                .protocol("HTTP")
+                .target(HTTP_PORT),
+            ServicePort::new(ECHO_PORT, "tcp-echo").protocol("TCP"),
+            ServicePort::new(GRPC_PORT, "grpc").protocol("GRPC"),
+        ]
+    }
+
+    /// The registry's flow-style entry.
+    fn yaml(&self) -> String {
+        let mut entry = format!("{{number: {}, name: {}", self.number, self.name);
+        if let Some(protocol) = &self.protocol {
+            let _ = write!(entry, ", protocol: {protocol}");
+        }
+        if let Some(port) = self.target_port {
+            let _ = write!(entry, ", targetPort: {port}");
+        }
+        entry + "}"
+    }
+}
+
 /// How to build a mesh.
 #[derive(Debug, Clone)]
 pub struct MeshSpec {
     pub pods: Vec<PodSpec>,
     /// Services, by app name; each gets a VIP and the pods whose `app` matches.
     pub services: Vec<String>,
+    /// The namespace of the services and pods (what short host names resolve in).
+    pub namespace: String,
+    /// The ports every service declares.
+    pub ports: Vec<ServicePort>,
     /// Extra flags for every sidecar (e.g. `--io-backend epoll`).
     pub proxy_args: Vec<String>,
     /// Where the binaries are; defaults to the directory of the running executable.
@@ -122,6 +184,8 @@ impl MeshSpec {
         MeshSpec {
             pods,
             services: services.iter().map(|s| s.to_string()).collect(),
+            namespace: NAMESPACE.into(),
+            ports: ServicePort::defaults(),
             proxy_args: Vec::new(),
             bin_dir: None,
             config: Vec::new(),
@@ -134,6 +198,7 @@ impl MeshSpec {
 pub struct Mesh {
     pub pods: Vec<Pod>,
     services: Vec<(String, Ipv4Addr, Ipv6Addr)>,
+    ports: Vec<ServicePort>,
     /// Every pod's spec and addresses, known before the pods exist so the registry can be
     /// written first and every sidecar starts with it.
     plan: Vec<Planned>,
@@ -170,6 +235,7 @@ impl Planned {
 /// What starting a pod needs beyond its spec, kept for pods added later.
 struct Launch {
     tag: String,
+    namespace: String,
     bin_dir: PathBuf,
     proxy_args: Vec<String>,
     block_io_uring: bool,
@@ -231,6 +297,7 @@ impl Mesh {
         let mut mesh = Mesh {
             pods: Vec::new(),
             services,
+            ports: spec.ports.clone(),
             next_slot: plan.len() as u8,
             plan,
             config,
@@ -239,6 +306,7 @@ impl Mesh {
             keep_work_dir: false,
             launch: Launch {
                 tag,
+                namespace: spec.namespace.clone(),
                 bin_dir,
                 proxy_args: spec.proxy_args.clone(),
                 block_io_uring: spec.block_io_uring,
@@ -313,15 +381,17 @@ impl Mesh {
     /// The generated registry: a ServiceEntry per service, its endpoints the pods of its app.
     fn registry(&self) -> SourceFile {
         let mut yaml = String::new();
+        let namespace = &self.launch.namespace;
         for (name, vip4, vip6) in &self.services {
             let _ = write!(
                 yaml,
-                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
-                 spec:\n  hosts: [{name}.{NAMESPACE}.svc.cluster.local]\n  addresses: [{vip4}, \"{vip6}\"]\n  location: MESH_INTERNAL\n\
-                 \x20 resolution: STATIC\n  ports:\n  - {{number: {HTTP_SERVICE_PORT}, name: http, protocol: HTTP, targetPort: {HTTP_PORT}}}\n\
-                 \x20 - {{number: {ECHO_PORT}, name: tcp-echo, protocol: TCP}}\n\
-                 \x20 - {{number: {GRPC_PORT}, name: grpc, protocol: GRPC}}\n"
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {namespace}\n\
+                 spec:\n  hosts: [{name}.{namespace}.svc.cluster.local]\n  addresses: [{vip4}, \"{vip6}\"]\n  location: MESH_INTERNAL\n\
+                 \x20 resolution: STATIC\n  ports:\n"
             );
+            for port in &self.ports {
+                let _ = writeln!(yaml, "  - {}", port.yaml());
+            }
             let members: Vec<_> = self
                 .plan
                 .iter()
@@ -447,5 +517,30 @@ pub fn default_bin_dir() -> Result<PathBuf, MeshError> {
         Ok(dir.parent().map(Path::to_path_buf).unwrap_or(dir))
     } else {
         Ok(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServicePort;
+
+    #[test]
+    fn service_ports_render_as_registry_entries() {
+        let yaml: Vec<String> = ServicePort::defaults()
+            .iter()
+            .map(ServicePort::yaml)
+            .collect();
+        assert_eq!(
+            yaml,
+            [
+                "{number: 80, name: http, protocol: HTTP, targetPort: 8080}",
+                "{number: 9000, name: tcp-echo, protocol: TCP}",
+                "{number: 50051, name: grpc, protocol: GRPC}",
+            ]
+        );
+        assert_eq!(
+            ServicePort::new(7000, "greet").yaml(),
+            "{number: 7000, name: greet}"
+        );
     }
 }

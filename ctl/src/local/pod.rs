@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{
-    io_err, log_file, Launch, MeshError, PodSpec, ECHO_PORT, HTTP_PORT, NAMESPACE, PROXY_UID,
-};
+use super::{io_err, log_file, Launch, MeshError, PodSpec, ECHO_PORT, HTTP_PORT, PROXY_UID};
 use crate::netns::Netns;
 
 /// A running pod.
@@ -91,7 +89,7 @@ impl Pod {
                 "--workload",
                 &self.name,
                 "--namespace",
-                NAMESPACE,
+                &launch.namespace,
                 "--app",
                 self.spec.app.as_deref().unwrap_or(&self.name),
                 "--app-version",
