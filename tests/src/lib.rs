@@ -144,3 +144,24 @@ pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The counts a Binomial(`n`, `p`) falls within at 4 standard deviations (a false failure
+/// about once in 16,000 runs): what a weighted split or a fault percentage is checked against.
+pub fn binomial_4sigma(n: usize, p: f64) -> std::ops::RangeInclusive<usize> {
+    let mean = n as f64 * p;
+    let sigma = (n as f64 * p * (1.0 - p)).sqrt();
+    let low = (mean - 4.0 * sigma).floor().max(0.0) as usize;
+    let high = (mean + 4.0 * sigma).ceil().min(n as f64) as usize;
+    low..=high
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn binomial_bounds_are_four_sigma() {
+        // σ = √(1000 · 0.8 · 0.2) ≈ 12.65.
+        assert_eq!(super::binomial_4sigma(1000, 0.8), 749..=851);
+        assert_eq!(super::binomial_4sigma(1000, 0.5), 436..=564);
+        assert_eq!(super::binomial_4sigma(10, 1.0), 10..=10);
+    }
+}

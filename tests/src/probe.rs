@@ -161,3 +161,21 @@ pub fn raise_nofile(n: u64) -> u64 {
         limit.rlim_cur
     }
 }
+
+/// Waits until the sum of `metric{labels}` in the pod's sidecar reaches `want` and returns
+/// what it then is (the caller asserts it is not more). A request is recorded just after its
+/// response is written, so a scrape right after the client's last response may be a moment
+/// early.
+pub fn wait_metric(pod: &Pod, metric: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+    wait_until(
+        &format!("{}: {metric}{labels:?} reaching {want}", pod.name),
+        Duration::from_secs(10),
+        || {
+            let text = pod.metrics().map_err(|e| e.to_string())?;
+            match crate::metric_sum(&text, metric, labels) {
+                v if v >= want => Ok(v),
+                v => Err(format!("{v}")),
+            }
+        },
+    )
+}

@@ -116,6 +116,35 @@ impl WebSocket {
             .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
     }
 
+    /// Exercises an echo peer: a text frame, a 70,000-byte binary frame (a 64-bit length), a
+    /// ping answered by a pong, then a close answered by a close. `Err` names the step that
+    /// differed.
+    pub fn echo_session(mut self) -> Result<(), String> {
+        let fail = |step: &str, e: io::Error| format!("{step}: {e}");
+        let text = self.round_trip(b"echo me").map_err(|e| fail("text", e))?;
+        if (text.opcode, text.payload.as_slice()) != (OP_TEXT, &b"echo me"[..]) {
+            return Err(format!("text frame came back as {text:?}"));
+        }
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8 | 0x80).collect();
+        let binary = self.round_trip(&big).map_err(|e| fail("binary", e))?;
+        if binary.opcode != OP_BINARY || binary.payload != big {
+            return Err(format!(
+                "binary frame differs: opcode {}, {} bytes",
+                binary.opcode,
+                binary.payload.len()
+            ));
+        }
+        self.send(0x9, b"ping").map_err(|e| fail("ping", e))?;
+        match self.recv().map_err(|e| fail("pong", e))? {
+            Some(pong) if (pong.opcode, pong.payload.as_slice()) == (0xA, &b"ping"[..]) => {}
+            other => return Err(format!("ping answered with {other:?}")),
+        }
+        match self.close().map_err(|e| fail("close", e))? {
+            Some(close) if close.opcode == OP_CLOSE => Ok(()),
+            other => Err(format!("close answered with {other:?}")),
+        }
+    }
+
     /// Sends a close (status 1000) and returns the peer's answering frame, if any.
     pub fn close(mut self) -> io::Result<Option<Frame>> {
         self.send(OP_CLOSE, &1000u16.to_be_bytes())?;
