@@ -92,9 +92,13 @@ pub struct Args {
     /// Connections open at once on each admin endpoint; more are closed.
     #[arg(long, default_value_t = 64)]
     pub admin_max_connections: usize,
-    /// Log one line per connection (target `access`).
+    /// Access log: one line per HTTP request on stdout (Istio's format), and one per TCP
+    /// connection in the log (target `access`).
     #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
     pub access_log: bool,
+    /// The HTTP access log's encoding: Istio's default text line, or JSON with Istio's fields.
+    #[arg(long, env = "ISTHMUS_ACCESS_LOG_FORMAT", value_enum, default_value_t = crate::http::access_log::Format::Text)]
+    pub access_log_format: crate::http::access_log::Format,
     /// Log filter, e.g. `info` or `info,isthmus_proxy=debug`.
     #[arg(long, env = "ISTHMUS_LOG", default_value = "info")]
     pub log: String,

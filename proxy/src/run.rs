@@ -129,6 +129,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
                 ("app".to_string(), args.app.clone()),
                 ("version".to_string(), args.app_version.clone()),
             ],
+            access_log: args.access_log.then_some(args.access_log_format),
             ..http::Settings::default()
         },
         own_ports: vec![

@@ -63,10 +63,16 @@ fn mesh(extra: &str) -> Mesh {
 /// A mesh whose second endpoint is `v2` (an app, or an address nobody listens on) and whose
 /// DestinationRule has `policy` as its `trafficPolicy`.
 fn mesh_with(v2: SocketAddr, policy: &str, extra: &str) -> Mesh {
+    mesh_with_args(v2, policy, extra, &[])
+}
+
+fn mesh_with_args(v2: SocketAddr, policy: &str, extra: &str, args: &[&str]) -> Mesh {
     let v1 = app("v1");
     let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--explicit".into(), format!("{listen}=10.96.0.2:80")]);
     let proxy = start(Options {
-        args: vec!["--explicit".into(), format!("{listen}=10.96.0.2:80")],
+        args,
         wait_ready: false,
         ..Options::default()
     });
@@ -623,4 +629,54 @@ fn mirror_gets_a_copy_and_cors_is_answered() {
     );
     let r = client.get("/", &[("Origin", "https://evil.example")]);
     assert_eq!(r.header("access-control-allow-origin"), None);
+}
+
+#[test]
+fn access_log_lines_in_istio_text_and_json() {
+    for format in ["text", "json"] {
+        let mesh = mesh_with_args(
+            app("v2"),
+            "{}",
+            &virtual_service(
+                "  - name: to-v1\n    route: [{destination: {host: web, subset: v1}}]\n",
+            ),
+            &["--access-log", "--access-log-format", format],
+        );
+        let r = get(
+            mesh.listen,
+            "/bytes/10",
+            &[("User-Agent", "curl/8.5.0"), ("x-request-id", "r-1")],
+        );
+        assert_eq!(r.status, 200);
+        mesh.proxy.wait_until("an access log line", |p| {
+            std::fs::read_to_string(&p.out).is_ok_and(|t| t.ends_with('\n'))
+        });
+        let line = std::fs::read_to_string(&mesh.proxy.out).unwrap();
+        let line = line.trim_end();
+        let upstream = format!("{}", mesh.v1);
+        if format == "text" {
+            assert!(line.starts_with('['), "{line}");
+            let rest = line.split_once("] ").unwrap().1;
+            assert!(
+                rest.starts_with("\"GET /bytes/10 HTTP/1.1\" 200 - - - \"-\" 0 10 "),
+                "{line}"
+            );
+            assert!(
+                rest.contains(&format!("\"curl/8.5.0\" \"r-1\" \"web\" \"{upstream}\" outbound|80|v1|web.test.svc.cluster.local ")),
+                "{line}"
+            );
+            assert!(rest.ends_with(" - to-v1"), "{line}");
+        } else {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["method"], "GET");
+            assert_eq!(v["response_code"], 200);
+            assert_eq!(v["bytes_sent"], 10);
+            assert_eq!(v["upstream_host"], upstream.as_str());
+            assert_eq!(
+                v["upstream_cluster"],
+                "outbound|80|v1|web.test.svc.cluster.local"
+            );
+            assert_eq!(v["route_name"], "to-v1");
+        }
+    }
 }

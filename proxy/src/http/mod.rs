@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod access_log;
 pub mod body;
 pub mod cors;
 pub mod filters;
@@ -40,6 +41,8 @@ pub struct Settings {
     /// Idle upstream connections are closed after this unless the DestinationRule says
     /// otherwise (Istio's `connectionPool.http.idleTimeout`, 1 h).
     pub pool_idle: Duration,
+    /// One line per request on stdout, in this format (`--access-log`).
+    pub access_log: Option<access_log::Format>,
     /// This workload's labels, for `sourceLabels` matches.
     pub source_labels: Vec<(String, String)>,
 }
@@ -55,6 +58,7 @@ impl Default for Settings {
             discard_max: 64 * 1024,
             pool_idle: Duration::from_secs(3600),
             source_labels: Vec::new(),
+            access_log: None,
         }
     }
 }

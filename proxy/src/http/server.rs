@@ -14,6 +14,7 @@ use isthmus_config::{
 };
 use tokio::net::TcpStream;
 
+use super::access_log::{self, RequestLine};
 use super::body::{self, BodyError, Chunking};
 use super::cors::{self, Cors};
 use super::h1::{self, Framing, Header, RequestHead, Version};
@@ -384,6 +385,26 @@ async fn exchange(
     };
     let decision = decide(&snapshot, info, &head.target, &view, &source);
     let mut record = Record::new(started);
+    if settings.access_log.is_some() {
+        let route = match &decision {
+            Decision::Forward(f) => f.route.and_then(|r| r.name.clone()),
+            Decision::Local(_) => None,
+        };
+        record.line = Some(Box::new(RequestLine {
+            start: std::time::SystemTime::now().checked_sub(started.elapsed()),
+            method: head.method.to_string(),
+            path: head.target.to_string(),
+            protocol: match head.version {
+                Version::Http10 => "HTTP/1.0",
+                Version::Http11 => "HTTP/1.1",
+            },
+            authority: view.authority.to_string(),
+            user_agent: view.header("user-agent").map(str::to_string),
+            request_id: view.header("x-request-id").map(str::to_string),
+            forwarded_for: view.header("x-forwarded-for").map(str::to_string),
+            route,
+        }));
+    }
     let head_only = &*head.method == "HEAD";
     let forward = match decision {
         Decision::Local(local) => {
@@ -780,6 +801,8 @@ pub(crate) struct Record {
     /// gRPC messages each way (counted on gRPC series only).
     pub(crate) request_messages: u64,
     pub(crate) response_messages: u64,
+    /// The request as the access log shows it (only when it is on).
+    pub(crate) line: Option<Box<RequestLine>>,
 }
 
 impl Record {
@@ -793,6 +816,7 @@ impl Record {
             grpc_status: None,
             request_messages: 0,
             response_messages: 0,
+            line: None,
         }
     }
 }
@@ -898,11 +922,34 @@ impl HandleCache {
             request.inc_by(record.request_messages);
             response.inc_by(record.response_messages);
         }
-        if ctx.access_log {
-            tracing::info!(target: "access", direction = info.direction.as_str(), peer = %info.peer,
-                dst = %info.dst, code = record.status, flags = record.flag.as_str(),
-                bytes_received = record.request_bytes, bytes_sent = record.response_bytes,
-                duration_ms = record.started.elapsed().as_millis() as u64, "request");
+        if let (Some(format), Some(line)) = (ctx.http.access_log, record.line.as_deref()) {
+            let endpoint_addr = match target {
+                Target::Service { cluster, .. } => endpoint
+                    .and_then(|i| cluster.endpoints.get(i))
+                    .map(|e| e.addr),
+                Target::Inbound | Target::Unregistered("PassthroughCluster") => Some(info.dst),
+                Target::Unregistered(_) => None,
+            };
+            let cluster_name = match target {
+                Target::Inbound => format!("inbound|{}||", info.dst.port()),
+                Target::Service { cluster, .. } => cluster.name.to_string(),
+                Target::Unregistered(name) => (*name).to_string(),
+            };
+            access_log::write(
+                format,
+                &access_log::Entry {
+                    request: line,
+                    code: record.status,
+                    flags: record.flag.as_str(),
+                    bytes_received: record.request_bytes,
+                    bytes_sent: record.response_bytes,
+                    duration_ms: record.started.elapsed().as_millis() as u64,
+                    upstream_host: endpoint_addr,
+                    cluster: &cluster_name,
+                    downstream_local: info.dst,
+                    downstream_remote: info.peer,
+                },
+            );
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 pub struct Proxy {
@@ -14,6 +14,8 @@ pub struct Proxy {
     pub listen: SocketAddr,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// The proxy's stdout (the HTTP access log).
+    pub out: PathBuf,
 }
 
 impl Drop for Proxy {
@@ -22,6 +24,7 @@ impl Drop for Proxy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.out);
     }
 }
 
@@ -113,6 +116,7 @@ pub fn start(options: Options<'_>) -> Proxy {
         write_config(&dir, &config(endpoint));
     }
     let log = std::env::temp_dir().join(format!("isthmus-proc-{tag}.log"));
+    let out = std::env::temp_dir().join(format!("isthmus-proc-{tag}.out"));
     let (admin, listen) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
         .args([
@@ -135,7 +139,7 @@ pub fn start(options: Options<'_>) -> Proxy {
         .args(["--connect-timeout-ms", "500"])
         .args(&options.args)
         .envs(options.env.iter().copied())
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -145,6 +149,7 @@ pub fn start(options: Options<'_>) -> Proxy {
         listen: ([127, 0, 0, 1], listen).into(),
         dir,
         log,
+        out,
     };
     if options.wait_ready {
         proxy.wait_until("ready", |p| p.get("/ready").starts_with("HTTP/1.1 200"));
