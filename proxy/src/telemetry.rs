@@ -47,9 +47,33 @@ pub enum ResponseFlag {
     FaultInjected,
     /// Fault injection delay.
     DelayInjected,
+    /// Retries ran out on failures that produced no response: Envoy's `UF,URX`, `UT,URX`,
+    /// `UC,URX`, `UR,URX` (the failure's flag, then retry limit exceeded).
+    RetriesExhausted(Exhausted),
+}
+
+/// The failure that retries ran out on (see [`ResponseFlag::RetriesExhausted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    ConnectFailure,
+    Timeout,
+    ConnectionTermination,
+    RemoteReset,
 }
 
 impl ResponseFlag {
+    /// This failure's flag once retries have run out on it (Envoy adds `URX`).
+    pub fn retries_exhausted(self) -> ResponseFlag {
+        let failure = match self {
+            ResponseFlag::UpstreamConnectFailure => Exhausted::ConnectFailure,
+            ResponseFlag::UpstreamRequestTimeout => Exhausted::Timeout,
+            ResponseFlag::UpstreamConnectionTermination => Exhausted::ConnectionTermination,
+            ResponseFlag::UpstreamRemoteReset => Exhausted::RemoteReset,
+            other => return other,
+        };
+        ResponseFlag::RetriesExhausted(failure)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResponseFlag::None => "-",
@@ -66,6 +90,10 @@ impl ResponseFlag {
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::FaultInjected => "FI",
             ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::RetriesExhausted(Exhausted::ConnectFailure) => "UF,URX",
+            ResponseFlag::RetriesExhausted(Exhausted::Timeout) => "UT,URX",
+            ResponseFlag::RetriesExhausted(Exhausted::ConnectionTermination) => "UC,URX",
+            ResponseFlag::RetriesExhausted(Exhausted::RemoteReset) => "UR,URX",
         }
     }
 }

@@ -257,9 +257,8 @@ fn retries_and_timeouts_are_counted_at_the_upstream() {
 
 /// Per-try timeouts that use up every retry answer 504 flagged `UT`: docs/OPERATIONS.md
 /// gives `UT` to "the route's `timeout` or the per-try timeout", and Envoy flags this case
-/// `UT,URX`. The proxy flags it `URX` alone, so timeouts counted by `UT` miss it.
+/// `UT,URX`, as does the proxy.
 #[test]
-#[ignore = "proxy bug: exhausted per-try timeouts are flagged URX, not UT"]
 fn per_try_timeout_exhausted_is_flagged_ut() {
     let Some(mesh) = mesh("auto", &["v1"], retry_routes()) else {
         return;

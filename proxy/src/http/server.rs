@@ -646,7 +646,7 @@ async fn exchange(
         Ok(ok) => ok,
         Err((failure, endpoint)) => {
             let flag = if attempts.retried() && failure.is_retriable_kind() {
-                ResponseFlag::UpstreamRetryLimitExceeded
+                failure.flag().retries_exhausted()
             } else {
                 failure.flag()
             };
