@@ -437,14 +437,14 @@ fn resets_cross_the_proxy_and_refused_streams_are_retried() {
     let r = curl(mesh.h2svc, "h2svc", "/refuse/a/2", &[]);
     assert_eq!((r.status, r.exit), (200, 0), "{r:?}");
     assert_eq!(mesh.seen.count("/refuse/a/2"), 3);
-    // Three refusals exhaust the two retries: 503, flagged URX.
+    // Three refusals exhaust the two retries: 503, flagged UR,URX (as Envoy writes it).
     let r = curl(mesh.h2svc, "h2svc", "/refuse/b/3", &[]);
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(mesh.seen.count("/refuse/b/3"), 3);
     wait_metric(
         &mesh.proxy,
         "istio_requests_total",
-        &[("response_code", "503"), ("response_flags", "URX")],
+        &[("response_code", "503"), ("response_flags", "UR,URX")],
         1.0,
     );
 }

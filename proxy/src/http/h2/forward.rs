@@ -157,7 +157,7 @@ pub(crate) async fn run(
     }
     let mut local = Local::failure(failure.flag());
     if attempts.retried() && failure.is_retriable_kind() {
-        local.flag = ResponseFlag::UpstreamRetryLimitExceeded;
+        local.flag = failure.flag().retries_exhausted();
     }
     out.local(&local);
     out.endpoint
