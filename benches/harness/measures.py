@@ -79,6 +79,8 @@ class Results:
         # istio_requests_total deltas over each load run of an isthmus contender
         self.counts = {}
         self.notes = []  # findings that do not invalidate a run (listed under Validity)
+        # contender -> what its server sidecar did against the declared mode (row marked ‡)
+        self.mode_notes = {}
 
     def add(self, table, key, value):
         table.setdefault(key, []).append(value)
@@ -121,8 +123,10 @@ def bulk(ctx, c, nbytes):
 def counted(results, c, what, run):
     """Runs run() (a load run returning a Sample) and, for a proxy that counts Istio request
     metrics, checks istio_requests_total on every sidecar against the generator's count: an
-    HTTP-declared port must count every request (a sidecar that counted none relayed TCP: the
-    run is not what it claims and is invalid); a TCP-declared port must count none."""
+    HTTP-declared port must count every request, a TCP-declared port none. Where the first
+    (client) sidecar — the one the row is about — is in the wrong mode, the run is not what it
+    claims and is invalid; where a second (server) sidecar is, the run stands and the row is
+    marked ‡ with what that sidecar did (results.mode_notes)."""
     before = c.request_counts()
     s = run()
     if before is None:
@@ -137,19 +141,23 @@ def counted(results, c, what, run):
         "declared": getattr(c, "protocol", "TCP")})
     s["proxy_counted"] = got
     for i, (pod, k) in enumerate(got.items()):
+        wrong = None
         if k is None:
             results.notes.append(f"{c.name} {what}: the {pod} sidecar's metrics did not answer")
         elif not http and k:
-            s["problems"].append(f"the {pod} sidecar counted {k} HTTP requests on a port "
-                                 "declared TCP (not an L4 relay)")
+            wrong = (f"the {pod} sidecar counted {k} HTTP requests on a port declared TCP "
+                     "(it parsed HTTP instead of relaying L4)")
         elif http and n and k == 0:
-            msg = (f"the {pod} sidecar counted no request (istio_requests_total unchanged "
-                   f"for {n} requests): it relayed TCP, not HTTP")
-            if i == 0:
-                s["problems"].append(msg)
-            else:
-                results.notes.append(f"{c.name} {what}: {msg}")
-        elif http and not n <= k <= n + (s.get("conns") or 0) * (s.get("streams") or 1):
+            wrong = (f"the {pod} sidecar counted no request (istio_requests_total unchanged "
+                     f"for {n} requests): it relayed TCP, not HTTP")
+        if wrong and i == 0:
+            s["problems"].append(wrong)
+        elif wrong:
+            results.mode_notes[c.name] = wrong.split(" (", 1)[0].replace(f" {k} ", " ")
+            results.notes.append(f"{c.name} {what}: {wrong}")
+        if wrong or k is None or not http:
+            continue
+        if not n <= k <= n + (s.get("conns") or 0) * (s.get("streams") or 1):
             # The generator does not count requests still in flight when its duration ends;
             # the proxy may (at most one per connection, or per stream for h2).
             results.notes.append(f"{c.name} {what}: the {pod} sidecar counted {k} requests, "
@@ -564,10 +572,12 @@ def profile(ctx, plan, c, out_path, seconds=4):
                     f"c={plan.maxrps_conns}, {seconds} s; "
                     f"{s.get('rps', 0):.0f} rps, proxy CPU {s.get('proxy_cpu', 0):.2f} s\n")
             f.write(report("--sort", "dso,symbol", "--percent-limit", "1") + "\n")
+            f.write("\n# by binary (kernel, the proxy, libc, ...)\n")
+            f.write(report("--sort", "dso", "--percent-limit", "0.5") + "\n")
             if exe:
                 # The proxy's own code (share of all samples): what its user space spends on.
-                f.write(f"\n# user space of {exe} only (percent of all samples, ≥ 0.3%)\n")
-                f.write(report("--sort", "symbol", "--dsos", exe, "--percent-limit", "0.3")
+                f.write(f"\n# user space of {exe} only (percent of all samples, ≥ 0.2%)\n")
+                f.write(report("--sort", "symbol", "--dsos", exe, "--percent-limit", "0.2")
                         + "\n")
         return out_path
     finally:

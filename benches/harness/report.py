@@ -41,14 +41,19 @@ class Summary:
         self.names = [c[0] for c in results.contenders if not c[2].endswith("h2")]
         self.h2_names = [c[0] for c in results.contenders if c[2].endswith("h2")]
         self.notes = getattr(results, "cpu_notes", {}) or {}
+        self.mode_notes = getattr(results, "mode_notes", {}) or {}
 
     def label(self, name):
         """Row label: a contender that could not get one core per proxy process is marked †
-        (a lower bound; the note under the table says why)."""
-        return f"{name} †" if name in self.notes else name
+        (a lower bound; the note under the table says why); one whose server sidecar ran in
+        another mode than the port declares is marked ‡."""
+        return (name + (" †" if name in self.notes else "")
+                + (" ‡" if name in self.mode_notes else ""))
 
     def footnote(self):
-        return "".join(f"\n† {n}: {why}." for n, why in self.notes.items())
+        return ("".join(f"\n† {n}: {why}." for n, why in self.notes.items())
+                + "".join(f"\n‡ {n}: {why} (the row is not the declared mode on that hop)."
+                          for n, why in self.mode_notes.items()))
 
     def lat(self, name, cell, key):
         return med([s.get(key) for s in valid(self.r.latency.get((name,) + cell, []))])
@@ -127,7 +132,8 @@ def targets(S):
             "" if r is None or r >= 1.1 else f"{(1 - r / 1.1) * 100:.0f}% short of the target")
     a = S.added("isthmus-2hop", HEADLINE, "p99")
     row(f"two-hop added p99 at {HEADLINE[0]} rps c={HEADLINE[1]} ≤ 0.1 ms"
-        + (" (†)" if "isthmus-2hop" in S.notes else ""), f(a, "{:+.3f} ms"),
+        + (f" ({S.label('isthmus-2hop')[len('isthmus-2hop '):]})"
+           if S.label("isthmus-2hop") != "isthmus-2hop" else ""), f(a, "{:+.3f} ms"),
         a is not None and a <= 0.1, "" if a is None or a <= 0.1 else f"{a - 0.1:.3f} ms over")
     for name in ("isthmus-1hop", "isthmus-2hop"):
         r = ratio(S.bulk(name), S.bulk("direct"))
@@ -205,7 +211,7 @@ def http_targets(S, baseline=None):
         ("rps per proxy core vs HAProxy tcp", lambda X, n: ratio(X.rps_per_core(n),
                                                                  X.rps_per_core("haproxy-tcp")),
          True),
-        ("TCP bulk vs direct", lambda X, n: ratio(X.bulk(n), X.bulk("direct")), True),
+        ("bulk vs direct", lambda X, n: ratio(X.bulk(n), X.bulk("direct")), True),
     ]
     for what, fn, higher_better in checks:
         for name in TCP_ROWS:
@@ -335,8 +341,9 @@ def markdown(results, meta, plan, svg_name, profiles=(), baseline=None):
             w(f"- {b}")
     else:
         w(f"All {total} load runs valid: every response 200 with the 1024-byte body, no errors, "
-          "load generator below 90% of its core at fixed rates; every HTTP-declared sidecar "
-          "counted the requests (istio_requests_total), every TCP-declared one counted none.")
+          "load generator below 90% of its core at fixed rates; every isthmus client sidecar "
+          "ran in the mode its port declares (istio_requests_total: HTTP counted every request, "
+          "TCP none).")
     if results.notes:
         w("\nNotes (findings that do not invalidate a run):\n")
         for n in dict.fromkeys(results.notes):
@@ -390,8 +397,8 @@ def markdown(results, meta, plan, svg_name, profiles=(), baseline=None):
     for what, value, met, miss in http_targets(S, baseline):
         state = "n/a (not measured)" if value in ("—", None) else ("yes" if met else "**no**")
         w(f"| {what} | {value} | {state} | {miss} |")
-    w("" + ("\n" + S.footnote().lstrip("\n") + "\n" if any(n in S.notes for n in HTTP_ROWS)
-            else ""))
+    w("" + ("\n" + S.footnote().lstrip("\n") + "\n"
+            if any(n in S.notes or n in S.mode_notes for n in HTTP_ROWS + TCP_ROWS) else ""))
 
     w(f"## HTTP: ratios against HAProxy mode http ({HEADLINE[0]} rps, {HEADLINE[1]} "
       "connections)\n")
@@ -445,7 +452,7 @@ def markdown(results, meta, plan, svg_name, profiles=(), baseline=None):
             vs = valid(ss)
             w(f"| {S.label(name)} | " + " | ".join(mmm([s.get(k) for s in vs]) for k, _ in PCTS)
               + f" | {f(S.added(name, cell, 'p99'), '{:+.3f}')} | {len(vs)}/{len(ss)} |")
-        w("\n" + S.footnote().lstrip("\n") + "\n" if S.notes else "")
+        w("\n" + S.footnote().lstrip("\n") + "\n" if S.notes or S.mode_notes else "")
 
     w("## Throughput and CPU\n")
     w("| contender | max rps (closed loop) | proxy CPU busy at max | rps per proxy core | vs HAProxy tcp | bulk GB/s | bulk vs direct | proxy CPU s per GB |")
