@@ -38,7 +38,8 @@ impl Seen {
 
 /// An h2c (prior knowledge) server on a loopback port:
 /// `/trailers` answers with trailers, `/reset` resets after a first DATA frame,
-/// `/refuse/KEY/N` refuses the first N streams (REFUSED_STREAM), `POST` echoes the body, and
+/// `/refuse/KEY/N` refuses the first N streams (REFUSED_STREAM), `/slow` answers after 2 s
+/// (counting `reset CANCEL` if the stream is reset first), `POST` echoes the body, and
 /// anything else answers `h2 METHOD PATH` with `x-authority` and `x-set` echoed as headers.
 fn h2_upstream() -> (SocketAddr, Arc<Seen>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -90,6 +91,15 @@ async fn answer(request: Request<RecvStream>, mut respond: SendResponse<Bytes>, 
     while let Some(Ok(chunk)) = body.data().await {
         let _ = body.flow_control().release_capacity(chunk.len());
         received.extend_from_slice(&chunk);
+    }
+    if path == "/slow" {
+        // Answers after 2 s, unless the proxy cancels the stream first.
+        let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        if let Ok(Ok(reason)) = tokio::time::timeout(Duration::from_secs(2), reset).await {
+            let mut paths = seen.paths.lock().unwrap();
+            *paths.entry(format!("reset {reason:?}")).or_insert(0) += 1;
+            return;
+        }
     }
     if let Some(rest) = path.strip_prefix("/refuse/") {
         let refusals: u64 = rest.rsplit('/').next().unwrap().parse().unwrap();
@@ -158,14 +168,16 @@ fn service(name: &str, vip: &str, port: u16, protocol: &str, endpoint: SocketAdd
     )
 }
 
-/// The routes of `h2svc`: `/api` rewritten with header operations, the test paths routed,
-/// anything else no route (404 NR).
+/// The routes of `h2svc`: `/api` rewritten with header operations, `/timed` to `/slow` with a
+/// 0.3 s timeout, the test paths routed, anything else no route (404 NR).
 const H2SVC_ROUTES: &str = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
     metadata: {name: h2svc, namespace: test}\nspec:\n  hosts: [h2svc]\n  http:\n\
     \x20 - match: [{uri: {prefix: /api}}]\n    rewrite: {uri: /rewritten}\n\
     \x20   headers: {request: {set: {x-set: one}}, response: {set: {x-resp: three}}}\n\
     \x20   route: [{destination: {host: h2svc}}]\n\
-    \x20 - match: [{uri: {regex: \"/(hello|trailers|reset|echo|load|refuse/.*)\"}}]\n\
+    \x20 - match: [{uri: {exact: /timed}}]\n    rewrite: {uri: /slow}\n    timeout: 0.3s\n\
+    \x20   route: [{destination: {host: h2svc}}]\n\
+    \x20 - match: [{uri: {regex: \"/(hello|trailers|reset|echo|load|slow|refuse/.*)\"}}]\n\
     \x20   route: [{destination: {host: h2svc}}]\n";
 
 struct Mesh {
@@ -556,4 +568,30 @@ fn grpc_unary_streaming_and_status_retry() {
     // Messages: 3 Echo + 1 Stream + 1 Fail + 1 Count requests; 3 + 5 + 1 + 1 responses.
     wait_metric(&mesh.proxy, "istio_request_messages_total", &grpc_ok, 6.0);
     wait_metric(&mesh.proxy, "istio_response_messages_total", &grpc_ok, 10.0);
+}
+
+#[test]
+fn timeouts_and_client_cancels_reset_the_upstream_stream() {
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    // The route's timeout: 504 UT, and the upstream stream is cancelled.
+    let started = Instant::now();
+    let r = curl(mesh.h2svc, "h2svc", "/timed", &[]);
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "504"), ("response_flags", "UT")],
+        1.0,
+    );
+    mesh.proxy.wait_until("the upstream stream reset", |_| {
+        mesh.seen.count("reset CANCEL") >= 1
+    });
+    // The client gives up (its connection closes): the upstream stream is cancelled too.
+    let r = curl(mesh.h2svc, "h2svc", "/slow", &["--max-time", "0.5"]);
+    assert_eq!(r.exit, 28, "{r:?}");
+    mesh.proxy.wait_until("the upstream stream reset", |_| {
+        mesh.seen.count("reset CANCEL") >= 2
+    });
 }
