@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::error::{ConfigError, Issue};
 use crate::parse::{Document, Resource};
 use crate::snapshot::{
-    Cluster, Endpoint, L4Match, Labels, OutboundPolicy, Protocol, Service, ServicePort, Snapshot,
-    TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
+    Cluster, DnsName, Endpoint, L4Match, Labels, OutboundPolicy, Protocol, Service, ServicePort,
+    Snapshot, TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
 };
 use crate::wire::OutboundMode;
 use crate::CLUSTER_DOMAIN;
@@ -217,24 +217,28 @@ fn build_cluster(
         .iter()
         .find(|p| p.number == key.port)
         .expect("cluster keys are built from validated ports");
-    let endpoints = service
-        .endpoints
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| {
-            selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-        })
-        .map(|(i, e)| Endpoint {
-            addr: SocketAddr::new(
-                e.address,
-                e.ports.get(&port.name).copied().unwrap_or(port.target_port),
-            ),
-            weight: e.weight,
-            labels: shared.labels[i].clone(),
-            service_account: shared.accounts[i].clone(),
-        })
-        .collect();
-    Cluster::new(
+    let selected = service.endpoints.iter().enumerate().filter(|(_, e)| {
+        selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+    });
+    let mut endpoints = Vec::new();
+    let mut dns = Vec::new();
+    for (i, e) in selected {
+        let port_number = e.ports.get(&port.name).copied().unwrap_or(port.target_port);
+        match &e.address {
+            Address::Ip(ip) => endpoints.push(Endpoint {
+                addr: SocketAddr::new(*ip, port_number),
+                weight: e.weight,
+                labels: shared.labels[i].clone(),
+                service_account: shared.accounts[i].clone(),
+            }),
+            Address::Name(name) => dns.push(DnsName {
+                name: Text::from(name.as_str()),
+                port: port_number,
+                first_only: service.dns_first_only,
+            }),
+        }
+    }
+    let mut cluster = Cluster::new(
         shared.hosts[0].clone(),
         shared.name.clone(),
         shared.namespace.clone(),
@@ -243,7 +247,9 @@ fn build_cluster(
         endpoints,
         service.passthrough,
         policy,
-    )
+    );
+    cluster.dns = dns;
+    cluster
 }
 
 /// Subset labels by (service, subset name).
@@ -286,8 +292,15 @@ struct PortDraft {
     target_port: u16,
 }
 
+/// An endpoint's address: an IP, or (`resolution: DNS`) a name the sidecar resolves.
+#[derive(Debug, Clone)]
+enum Address {
+    Ip(IpAddr),
+    Name(String),
+}
+
 struct EndpointDraft {
-    address: IpAddr,
+    address: Address,
     ports: HashMap<String, u16>,
     labels: BTreeMap<String, String>,
     service_account: Option<String>,
@@ -303,6 +316,8 @@ struct ServiceDraft {
     endpoints: Vec<EndpointDraft>,
     mesh_external: bool,
     passthrough: bool,
+    /// `resolution: DNS_ROUND_ROBIN`: only the first address a name resolves to is used.
+    dns_first_only: bool,
 }
 
 #[derive(Default)]

@@ -20,11 +20,11 @@ pub use error::{ConfigError, Issue};
 pub use net::IpNet;
 pub use snapshot::{
     now_ms, Abort, Cluster, ClusterLoad, ConnectionPool, ConsistentHash, CorsPolicy, DerivePort,
-    Endpoint, EndpointLoad, Fault, FaultAbort, FaultDelay, H2Upgrade, HashAlgorithm, HashKey,
-    HeaderMatch, HeaderOps, HttpAction, HttpDestination, HttpMatch, HttpRoute, L4Match, Labels,
-    LoadBalancer, Mirror, OutboundPolicy, OutlierDetection, Protocol, Redirect, RetryBudget,
-    RetryOn, RetryPolicy, Rewrite, Service, ServicePort, Snapshot, StringMatch, TcpKeepalive,
-    TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
+    DnsName, Endpoint, EndpointLoad, Fault, FaultAbort, FaultDelay, H2Upgrade, HashAlgorithm,
+    HashKey, HeaderMatch, HeaderOps, HttpAction, HttpDestination, HttpMatch, HttpRoute, L4Match,
+    Labels, LoadBalancer, Mirror, OutboundPolicy, OutlierDetection, Protocol, Redirect,
+    RetryBudget, RetryOn, RetryPolicy, Rewrite, Service, ServicePort, Snapshot, StringMatch,
+    TcpKeepalive, TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
 };
 pub use source::SourceFile;
 

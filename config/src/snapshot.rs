@@ -113,6 +113,24 @@ impl Snapshot {
         self.outbound_policy
     }
 
+    /// Every name a DNS cluster of this snapshot resolves.
+    pub fn dns_names(&self) -> std::collections::BTreeSet<DnsName> {
+        let mut names = std::collections::BTreeSet::new();
+        for service in &self.services {
+            for port in &service.ports {
+                let tcp = port
+                    .routes
+                    .iter()
+                    .flat_map(|r| r.destinations.iter().map(|d| &d.cluster));
+                let http = port.http_routes.iter().flat_map(|r| r.clusters());
+                for cluster in tcp.chain(http) {
+                    names.extend(cluster.dns.iter().cloned());
+                }
+            }
+        }
+        names
+    }
+
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services
     }
@@ -519,6 +537,9 @@ pub struct Cluster {
     /// The DestinationRule policy for this cluster, merged and defaulted.
     pub policy: Arc<TrafficPolicy>,
     ticket: AtomicUsize,
+    /// `resolution: DNS`: names the sidecar resolves (their addresses are the endpoints);
+    /// empty otherwise.
+    pub dns: Vec<DnsName>,
     /// Live counters ([`Cluster::load`]), shared with the cluster this one replaced when the
     /// endpoints are the same.
     load: std::sync::OnceLock<Arc<ClusterLoad>>,
@@ -548,6 +569,7 @@ impl Cluster {
             passthrough,
             policy,
             ticket: AtomicUsize::new(0),
+            dns: Vec::new(),
             load: std::sync::OnceLock::new(),
         }
     }
@@ -564,6 +586,15 @@ impl Cluster {
                 .zip(&other.endpoints)
                 .all(|(a, b)| a.addr == b.addr && a.weight == b.weight)
     }
+}
+
+/// A name a DNS cluster resolves, with the port to dial on its addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsName {
+    pub name: Text,
+    pub port: u16,
+    /// `DNS_ROUND_ROBIN`: only the first address is used (Envoy's logical DNS).
+    pub first_only: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -96,6 +96,10 @@ pub struct Args {
     /// connection in the log (target `access`).
     #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
     pub access_log: bool,
+    /// How often names of `resolution: DNS` ServiceEntries are resolved again (they are also
+    /// resolved whenever the config changes).
+    #[arg(long, default_value_t = 30)]
+    pub dns_refresh_secs: u64,
     /// The HTTP access log's encoding: Istio's default text line, or JSON with Istio's fields.
     #[arg(long, env = "ISTHMUS_ACCESS_LOG_FORMAT", value_enum, default_value_t = crate::http::access_log::Format::Text)]
     pub access_log_format: crate::http::access_log::Format,

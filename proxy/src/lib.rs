@@ -14,6 +14,7 @@ pub mod balance;
 pub mod breaker;
 pub mod connect;
 pub mod detect;
+pub mod dns;
 pub mod drain;
 pub mod http;
 pub mod listen;

@@ -92,6 +92,28 @@ pub fn plan(
             if cluster.passthrough || cluster.policy.load_balancer == LoadBalancer::Passthrough {
                 return passthrough(target);
             }
+            if !cluster.dns.is_empty() {
+                // Resolved names: round robin from the next address, the others after it.
+                let addrs = crate::dns::addresses(cluster);
+                let first = if addrs.is_empty() {
+                    0
+                } else {
+                    cluster.next_ticket() % addrs.len()
+                };
+                let candidates: Vec<_> = (0..addrs.len().min(attempts))
+                    .map(|k| (addrs[(first + k) % addrs.len()], None))
+                    .collect();
+                let failure = if candidates.is_empty() {
+                    ResponseFlag::NoHealthyUpstream
+                } else {
+                    ResponseFlag::UpstreamConnectFailure
+                };
+                return Plan {
+                    target,
+                    candidates,
+                    failure,
+                };
+            }
             // A TCP connection's only hash key is its source address.
             let hash = match &cluster.policy.load_balancer {
                 LoadBalancer::ConsistentHash(policy) if policy.key == HashKey::SourceIp => {

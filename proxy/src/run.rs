@@ -39,6 +39,8 @@ pub enum RunError {
     Control(std::io::Error),
     #[error("cannot start the config watcher: {0}")]
     Watcher(std::io::Error),
+    #[error("cannot start the DNS resolver thread: {0}")]
+    Dns(std::io::Error),
     #[error("--workers must be at least 1")]
     NoWorkers,
     #[error("worker {index} died ({why}); exiting so that the container is restarted")]
@@ -100,6 +102,11 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
         .set(1);
     crate::outlier::count_ejections(metrics.outlier_ejections.clone());
     let store = ConfigStore::new(metrics.clone());
+    crate::dns::start(
+        store.clone(),
+        Duration::from_secs(args.dns_refresh_secs.max(1)),
+    )
+    .map_err(RunError::Dns)?;
 
     // Bind every data-path socket before anything reports ready.
     let groups = bind_groups(&args)?;

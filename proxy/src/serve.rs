@@ -145,7 +145,14 @@ pub async fn connection<R: Runtime>(
         Some(admitted) => admitted,
         None => None,
     };
-    let upstream = match connect::connect::<R>(&plan.candidates, &ctx.connect).await {
+    // The DestinationRule's `connectionPool.tcp.connectTimeout` bounds each attempt.
+    let connect_policy = ConnectPolicy {
+        attempt_timeout: cluster
+            .and_then(|c| c.policy.connection_pool.connect_timeout)
+            .unwrap_or(ctx.connect.attempt_timeout),
+        ..ctx.connect
+    };
+    let upstream = match connect::connect::<R>(&plan.candidates, &connect_policy).await {
         Ok(upstream) => {
             // Outlier detection: the candidates tried before this one failed to connect.
             if let Some(cluster) = cluster {

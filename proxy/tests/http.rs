@@ -133,7 +133,11 @@ impl Client {
     }
 
     fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n");
+        self.get_from("web", path, headers)
+    }
+
+    fn get_from(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -679,4 +683,42 @@ fn access_log_lines_in_istio_text_and_json() {
             assert_eq!(v["route_name"], "to-v1");
         }
     }
+}
+
+#[test]
+fn dns_egress_routes_by_host_to_resolved_endpoints() {
+    // A MESH_EXTERNAL service with `resolution: DNS` and no address of its own: requests are
+    // routed by their Host, to what its endpoint's name resolves to (here `localhost`, from
+    // /etc/hosts through the system resolver).
+    let external = app("external");
+    let mesh = mesh(&format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external-api, namespace: test}}\n\
+         spec:\n  hosts: [api.external.example]\n  location: MESH_EXTERNAL\n\
+         \x20 ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n\
+         \x20 endpoints: [{{address: localhost, ports: {{http: {}}}}}]\n",
+        external.port()
+    ));
+    let mut client = Client::connect(mesh.listen);
+    // The first resolution runs on the resolver thread as the config loads.
+    mesh.proxy.wait_until("the name resolved", |_| {
+        Client::connect(mesh.listen)
+            .get_from("api.external.example", "/", &[])
+            .status
+            == 200
+    });
+    for _ in 0..10 {
+        let r = client.get_from("api.external.example", "/", &[]);
+        assert_eq!((r.status, r.served_by()), (200, "external"), "{r:?}");
+    }
+    // The service's own host still goes where it did.
+    assert_eq!(client.get("/", &[]).status, 200);
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[
+            ("destination_service", "api.external.example"),
+            ("response_code", "200"),
+        ],
+        10.0,
+    );
 }

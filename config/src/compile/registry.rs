@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
-use super::{qualify, Compiler, EndpointDraft, PortDraft, Registry, ServiceDraft};
+use super::{qualify, Address, Compiler, EndpointDraft, PortDraft, Registry, ServiceDraft};
 use crate::net::IpNet;
 use crate::parse::{Document, Resource};
 use crate::snapshot::Protocol;
@@ -144,13 +144,13 @@ impl Compiler {
         } else {
             Resolution::Static
         });
-        match resolution {
-            Resolution::Static | Resolution::None => {}
-            Resolution::Dns | Resolution::DnsRoundRobin => self.issue(
+        let dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        if dns && hosts.iter().any(|h| h.starts_with('*')) {
+            self.issue(
                 doc,
-                "spec.resolution",
-                "DNS resolution is not implemented yet; use STATIC with endpoints",
-            ),
+                "spec.hosts",
+                "wildcard hosts cannot be resolved by DNS",
+            );
         }
         if resolution == Resolution::None && !spec.endpoints.is_empty() {
             self.issue(doc, "spec.endpoints", "endpoints need `resolution: STATIC`");
@@ -159,12 +159,18 @@ impl Compiler {
         for (i, e) in spec.endpoints.iter().enumerate() {
             let field = format!("spec.endpoints[{i}]");
             let address = match e.address.parse::<IpAddr>() {
-                Ok(a) => a,
+                Ok(a) => Address::Ip(a),
+                Err(_) if dns && is_dns_name(&e.address) => Address::Name(e.address.clone()),
                 Err(_) => {
+                    let expected = if dns {
+                        "an IP address or a DNS name"
+                    } else {
+                        "an IP address (names need `resolution: DNS`)"
+                    };
                     self.issue(
                         doc,
                         format!("{field}.address"),
-                        format!("`{}` is not an IP address", e.address),
+                        format!("`{}` is not {expected}", e.address),
                     );
                     continue;
                 }
@@ -194,6 +200,18 @@ impl Compiler {
                 weight,
             });
         }
+        // DNS without endpoints: the hosts themselves are resolved (Istio's behaviour).
+        if dns && spec.endpoints.is_empty() {
+            for host in spec.hosts.iter().filter(|h| !h.starts_with('*')) {
+                endpoints.push(EndpointDraft {
+                    address: Address::Name(host.clone()),
+                    ports: HashMap::new(),
+                    labels: Default::default(),
+                    service_account: None,
+                    weight: 1,
+                });
+            }
+        }
         (self.issues.len() == before).then(|| ServiceDraft {
             hosts,
             name: doc.metadata.name.clone(),
@@ -203,6 +221,7 @@ impl Compiler {
             endpoints,
             mesh_external: spec.location == Some(wire::Location::MeshExternal),
             passthrough: resolution == Resolution::None,
+            dns_first_only: resolution == Resolution::DnsRoundRobin,
         })
     }
 
@@ -215,4 +234,18 @@ impl Compiler {
             }
         }
     }
+}
+
+/// A hostname as DNS allows it: dot-separated labels of letters, digits and hyphens.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+        })
 }

@@ -159,7 +159,7 @@ spec:
   hosts: [reviews]
   addresses: [10.96.0.11, 10.0.0.0/8]
   ports: [{number: 9080, name: a}, {number: 70000, name: a}]
-  resolution: DNS
+  resolution: STATIC
   endpoints: [{address: nope, ports: {b: 1}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -173,7 +173,6 @@ spec: {hosts: [other]}
     for want in [
         "spec.addresses[1]: CIDR ranges are not implemented yet",
         "spec.ports[1].number: 70000 is not a port number",
-        "spec.resolution: DNS resolution is not implemented yet",
         "spec.endpoints[0].address: `nope` is not an IP address",
         "ServiceEntry shop/reviews: metadata.name: duplicate name (also defined in registry.yaml)",
     ] {
@@ -357,4 +356,45 @@ fn balancers_continue_across_reloads_and_start_apart_per_sidecar() {
     changed.continue_balancing(&old, 1);
     let c = &port_of(&changed).routes.last().unwrap().destinations[0].cluster;
     assert_eq!(c.next_ticket(), fresh(1));
+}
+
+#[test]
+fn dns_services_resolve_their_endpoints_or_hosts() {
+    let text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: egress}\n\
+        spec:\n  hosts: [api.example.com]\n  location: MESH_EXTERNAL\n  ports: [{number: 443, name: tls}]\n\
+        \x20 resolution: DNS\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: egress}\n\
+        spec:\n  hosts: [db.example.com]\n  addresses: [10.96.5.5]\n  ports: [{number: 5432, name: tcp-pg}]\n\
+        \x20 resolution: DNS_ROUND_ROBIN\n  endpoints: [{address: primary.db.example.com}, {address: 10.1.1.1}]\n";
+    let snapshot = crate::load(&[SourceFile::new("dns.yaml", text)]).unwrap();
+    let names: Vec<String> = snapshot
+        .dns_names()
+        .into_iter()
+        .map(|n| format!("{}:{} {}", n.name, n.port, n.first_only))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "api.example.com:443 false",
+            "primary.db.example.com:5432 true"
+        ]
+    );
+    let (_, port) = snapshot
+        .service_port("10.96.5.5:5432".parse().unwrap())
+        .unwrap();
+    let cluster = &port.routes[0].destinations[0].cluster;
+    assert_eq!(cluster.endpoints.len(), 1, "the IP endpoint stays static");
+    let wildcard = text.replace("[api.example.com]", "['*.example.com']");
+    let err = crate::load(&[SourceFile::new("dns.yaml", wildcard)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("wildcard hosts cannot be resolved by DNS"),
+        "{err}"
+    );
+    let bad = text.replace("primary.db.example.com", "not a name");
+    let err = crate::load(&[SourceFile::new("dns.yaml", bad)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not an IP address or a DNS name"), "{err}");
 }

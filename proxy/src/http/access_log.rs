@@ -31,6 +31,30 @@ pub struct RequestLine {
     pub route: Option<String>,
 }
 
+impl RequestLine {
+    /// The line's request half: `target` as the client sent it, `protocol` as Istio writes it
+    /// (`HTTP/1.1`, `HTTP/2`), `started` when its first byte arrived.
+    pub fn new(
+        view: &crate::http::router::RequestView<'_>,
+        target: &str,
+        protocol: &'static str,
+        route: Option<String>,
+        started: std::time::Instant,
+    ) -> Self {
+        RequestLine {
+            start: SystemTime::now().checked_sub(started.elapsed()),
+            method: view.method.to_string(),
+            path: target.to_string(),
+            protocol,
+            authority: view.authority.to_string(),
+            user_agent: view.header("user-agent").map(str::to_string),
+            request_id: view.header("x-request-id").map(str::to_string),
+            forwarded_for: view.header("x-forwarded-for").map(str::to_string),
+            route,
+        }
+    }
+}
+
 /// One request's line.
 pub struct Entry<'a> {
     pub request: &'a RequestLine,

@@ -10,9 +10,9 @@ use super::local::{header, Local};
 use super::upstream::Failure;
 use crate::telemetry::ResponseFlag;
 
-/// Envoy's retry back-off: a random wait up to 25 ms × 2^retry, capped at 250 ms.
+/// Envoy's retry back-off: a random wait up to base × 2^retry, capped at 10 × base; the base
+/// is the route's `retries.backoff`, else 25 ms.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
-const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// The attempts of one request.
 pub struct Attempts<'r> {
@@ -127,9 +127,10 @@ impl<'r> Attempts<'r> {
 
     /// Waits before the next attempt.
     pub async fn backoff(&self) {
-        let cap = BACKOFF_BASE
+        let base = self.policy.and_then(|p| p.backoff).unwrap_or(BACKOFF_BASE);
+        let cap = base
             .saturating_mul(1 << self.retries.min(8))
-            .min(BACKOFF_MAX);
+            .min(base.saturating_mul(10));
         let wait = cap.mul_f64(random_unit());
         tokio::time::sleep(wait).await;
     }

@@ -27,6 +27,7 @@ use super::upstream::{self, Failure, Upstream};
 use super::{filters, Settings};
 use crate::balance;
 use crate::breaker;
+use crate::dns;
 use crate::drain::{self, Phase};
 use crate::metrics::{HttpHandles, HttpLabels};
 use crate::outlier;
@@ -214,6 +215,7 @@ impl Forward<'_> {
     /// original destination (inbound, passthrough). `None`: no healthy endpoint.
     pub(crate) fn next_endpoint(&self, dst: SocketAddr) -> Option<(SocketAddr, Option<usize>)> {
         match self.cluster {
+            Some(cluster) if !cluster.dns.is_empty() => dns::pick(cluster).map(|a| (a, None)),
             Some(cluster)
                 if !cluster.passthrough
                     && cluster.policy.load_balancer != LoadBalancer::Passthrough =>
@@ -390,20 +392,12 @@ async fn exchange(
             Decision::Forward(f) => f.route.and_then(|r| r.name.clone()),
             Decision::Local(_) => None,
         };
-        record.line = Some(Box::new(RequestLine {
-            start: std::time::SystemTime::now().checked_sub(started.elapsed()),
-            method: head.method.to_string(),
-            path: head.target.to_string(),
-            protocol: match head.version {
-                Version::Http10 => "HTTP/1.0",
-                Version::Http11 => "HTTP/1.1",
-            },
-            authority: view.authority.to_string(),
-            user_agent: view.header("user-agent").map(str::to_string),
-            request_id: view.header("x-request-id").map(str::to_string),
-            forwarded_for: view.header("x-forwarded-for").map(str::to_string),
-            route,
-        }));
+        let protocol = match head.version {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        };
+        let line = RequestLine::new(&view, &head.target, protocol, route, started);
+        record.line = Some(Box::new(line));
     }
     let head_only = &*head.method == "HEAD";
     let forward = match decision {
