@@ -175,6 +175,10 @@ const H2SVC_ROUTES: &str = "---\napiVersion: networking.istio.io/v1\nkind: Virtu
     \x20 - match: [{uri: {prefix: /api}}]\n    rewrite: {uri: /rewritten}\n\
     \x20   headers: {request: {set: {x-set: one}}, response: {set: {x-resp: three}}}\n\
     \x20   route: [{destination: {host: h2svc}}]\n\
+    \x20 - match: [{uri: {prefix: /cors}}]\n\
+    \x20   corsPolicy: {allowOrigins: [{exact: 'https://app.example'}], allowMethods: [GET]}\n\
+    \x20   mirror: {host: web}\n    mirrorPercentage: {value: 100}\n\
+    \x20   route: [{destination: {host: h2svc}}]\n\
     \x20 - match: [{uri: {exact: /timed}}]\n    rewrite: {uri: /slow}\n    timeout: 0.3s\n\
     \x20   route: [{destination: {host: h2svc}}]\n\
     \x20 - match: [{uri: {regex: \"/(hello|trailers|reset|echo|load|slow|refuse/.*)\"}}]\n\
@@ -187,6 +191,8 @@ struct Mesh {
     web: SocketAddr,
     grpc: SocketAddr,
     seen: Arc<Seen>,
+    /// The HTTP/1 app behind `web`, asked directly.
+    web_app: SocketAddr,
 }
 
 /// The proxy with three explicit listeners; `grpc_endpoint` is where the gRPC service's
@@ -224,6 +230,7 @@ fn mesh(grpc_endpoint: SocketAddr, extra: &str) -> Mesh {
         web,
         grpc,
         seen,
+        web_app: web_addr,
     }
 }
 
@@ -300,6 +307,19 @@ fn curl(via: SocketAddr, host: &str, path: &str, args: &[&str]) -> Got {
     got
 }
 
+/// The app's request count for `key` (its `/__stats`), asked directly.
+fn app_count(app: SocketAddr, key: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(app).unwrap();
+    s.write_all(b"GET /__stats HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["keys"][key].as_u64().unwrap_or(0)
+}
+
 fn wait_metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
     proxy.wait_until(&format!("{name}{labels:?} >= {at_least}"), |p| {
         metric(&p.metrics(), name, labels) >= at_least
@@ -354,6 +374,38 @@ fn curl_prior_knowledge_to_h2_and_http1_upstreams() {
         &[("response_code", "404"), ("response_flags", "NR")],
         1.0,
     );
+
+    // CORS: a preflight answered here, an allowed request's response with the headers; a
+    // bodiless request mirrored to `web` (HTTP/1).
+    let origin = ["-H", "origin: https://app.example"];
+    let preflight = [
+        &origin[..],
+        &["-X", "OPTIONS", "-H", "access-control-request-method: GET"],
+    ];
+    let r = curl(mesh.h2svc, "h2svc", "/cors", &preflight.concat());
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        r.header("x-served-by"),
+        None,
+        "a preflight reached the upstream"
+    );
+    let r = curl(mesh.h2svc, "h2svc", "/cors?key=mirrored", &origin);
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "h2 GET /cors"),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    mesh.proxy.wait_until("the mirrored copy at web", |_| {
+        app_count(mesh.web_app, "mirrored") == 1
+    });
 
     // h2 to the HTTP/1 app (the port is declared HTTP): translated both ways, chunked
     // trailers arriving as h2 trailers.

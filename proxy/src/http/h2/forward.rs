@@ -48,6 +48,8 @@ pub(crate) struct Exchange<'a> {
     pub(crate) headers: Vec<Header>,
     pub(crate) grpc: bool,
     pub(crate) settings: &'a Settings,
+    /// CORS headers the response gets (an allowed cross-origin request).
+    pub(crate) cors_headers: Vec<Header>,
 }
 
 /// How one attempt ended.
@@ -93,6 +95,7 @@ pub(crate) async fn run(
         grpc: x.grpc,
         endpoint: None,
         retries: Vec::new(),
+        cors_headers: &x.cors_headers,
     };
     // Circuit breaking: over the cluster's limits, 503 UO at once.
     let _admitted = match forward.cluster.map(|c| breaker::admit_request(c)) {
@@ -172,6 +175,7 @@ struct Out<'a, 'r> {
     grpc: bool,
     /// The endpoint of the current attempt.
     endpoint: Option<usize>,
+    cors_headers: &'a [Header],
     /// Retries in flight, counted against the cluster's `maxRetries` over every worker.
     retries: Vec<InFlight<'r>>,
 }
@@ -234,6 +238,7 @@ impl Out<'_, '_> {
         self.record.status = status;
         self.record.grpc_status = grpc_status;
         self.forward.response_header_ops(&mut headers);
+        headers.extend(self.cors_headers.iter().cloned());
         let mut response = Response::new(());
         *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
         *response.headers_mut() = to_header_map(&headers);

@@ -19,14 +19,17 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::forward::{self, Exchange};
+use super::translate;
 use super::{grpc_local, is_grpc, to_header_map, to_headers, Prefixed, MAX_CONCURRENT_STREAMS};
 use super::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::drain::{self, Phase};
-use crate::http::filters;
+use crate::http::access_log::RequestLine;
+use crate::http::cors::{self, Cors};
 use crate::http::local::{header, Local};
 use crate::http::retry;
 use crate::http::router::{RequestView, Source};
 use crate::http::server::{decide, ConnInfo, Decision, HandleCache, Record};
+use crate::http::{filters, mirror};
 use crate::route::Target;
 use crate::serve::{Context, Direction};
 use crate::telemetry::ResponseFlag;
@@ -169,9 +172,31 @@ async fn serve_stream(
         labels: &settings.source_labels,
         namespace: &ctx.identity.namespace,
     };
-    let forward = match decide(&snapshot, info, &target, &view, &source) {
+    let decision = decide(&snapshot, info, &target, &view, &source);
+    if settings.access_log.is_some() {
+        let route = match &decision {
+            Decision::Forward(f) => f.route.and_then(|r| r.name.clone()),
+            Decision::Local(_) => None,
+        };
+        let line = RequestLine::new(&view, &target, "HTTP/2", route, started);
+        record.line = Some(Box::new(line));
+    }
+    let forward = match decision {
         Decision::Local(local) => return answer(&local, &blackhole, None, &mut record),
         Decision::Forward(f) => f,
+    };
+
+    // CORS: an allowed preflight is answered here; an allowed request's response gets the
+    // `Access-Control-*` headers.
+    let cors_headers = match forward.route.and_then(|r| r.cors.as_ref()) {
+        Some(policy) => match cors::check(policy, &view) {
+            Cors::Preflight(local) => {
+                return answer(&local, &forward.target, forward.cluster, &mut record)
+            }
+            Cors::Allowed(headers) => headers,
+            Cors::None => Vec::new(),
+        },
+        None => Vec::new(),
     };
 
     // Fault injection: abort answers at once, delay waits first.
@@ -201,6 +226,15 @@ async fn serve_stream(
         let local = Local::new(400, "invalid :authority or :path", ResponseFlag::None);
         return answer(&local, &forward.target, forward.cluster, &mut record);
     };
+    // Mirrors get a copy of a request without a body (one with a body is not in hand yet);
+    // they never slow it down.
+    if let Some(route) = forward.route.filter(|r| !r.mirrors.is_empty()) {
+        if recv.is_end_stream() {
+            let head = translate::head(method, &target, &authority, &headers);
+            let connect_timeout = ctx.connect.attempt_timeout;
+            mirror::send(&route.mirrors, &head, &[], settings, connect_timeout);
+        }
+    }
     let exchange = Exchange {
         ctx,
         info,
@@ -211,6 +245,7 @@ async fn serve_stream(
         headers,
         grpc,
         settings,
+        cors_headers,
     };
     let endpoint = forward::run(exchange, &forward, recv, &mut respond, &mut record).await;
     let (target, cluster) = (&forward.target, forward.cluster);

@@ -18,7 +18,25 @@ use crate::http::local::header;
 use crate::http::upstream::{self, Failure, Up, Upstream};
 use crate::http::Settings;
 
-/// The HTTP/1.1 request head for an h2 request, and whether its body goes chunked.
+/// An h2 request's head as HTTP/1.1: `host` from `:authority`, first; no body framing.
+pub fn head(method: &str, target: &str, authority: &str, headers: &[Header]) -> RequestHead {
+    let mut all = Vec::with_capacity(headers.len() + 2);
+    all.push(header("host", authority.as_bytes()));
+    all.extend(headers.iter().filter(|h| !h.is("host")).cloned());
+    RequestHead {
+        method: method.into(),
+        target: target.into(),
+        version: Version::Http11,
+        headers: all,
+        framing: Framing::Empty,
+        keep_alive: true,
+        expect_continue: false,
+        upgrade: false,
+    }
+}
+
+/// The HTTP/1.1 request head for an h2 request, encoded, and whether its body goes chunked
+/// (it does when the client declared no `content-length`).
 pub fn request_head(
     method: &str,
     target: &str,
@@ -26,30 +44,14 @@ pub fn request_head(
     headers: &[Header],
     body: &RequestBody,
 ) -> (Vec<u8>, bool) {
+    let mut head = head(method, target, authority, headers);
     let has_length = headers.iter().any(|h| h.is("content-length"));
     let chunked = !body.is_empty() && !has_length;
-    let mut all = Vec::with_capacity(headers.len() + 2);
-    all.push(header("host", authority.as_bytes()));
-    all.extend(headers.iter().filter(|h| !h.is("host")).cloned());
-    let framing = if chunked {
-        all.push(header("transfer-encoding", b"chunked"));
-        Framing::Chunked
-    } else {
-        if body.is_empty() && !has_length && !matches!(method, "GET" | "HEAD" | "DELETE") {
-            all.push(header("content-length", b"0"));
-        }
-        Framing::Empty
-    };
-    let head = RequestHead {
-        method: method.into(),
-        target: target.into(),
-        version: Version::Http11,
-        headers: all,
-        framing,
-        keep_alive: true,
-        expect_continue: false,
-        upgrade: false,
-    };
+    if chunked {
+        head.headers.push(header("transfer-encoding", b"chunked"));
+    } else if body.is_empty() && !has_length && !matches!(method, "GET" | "HEAD" | "DELETE") {
+        head.headers.push(header("content-length", b"0"));
+    }
     let mut out = Vec::with_capacity(512);
     h1::encode_request_head(&head, &mut out);
     (out, chunked)
