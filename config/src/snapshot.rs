@@ -49,6 +49,9 @@ pub struct Snapshot {
     by_short_name: HashMap<Box<str>, Vec<usize>>,
     /// Port numbers some service serves HTTP (or sniffs) on.
     http_ports: HashSet<u16>,
+    /// Endpoint address → (service, endpoint), for naming the workload a connection comes
+    /// from (inbound telemetry's `source_*` labels).
+    by_endpoint_ip: HashMap<IpAddr, (usize, Endpoint)>,
     outbound_policy: OutboundPolicy,
 }
 
@@ -84,6 +87,21 @@ impl Snapshot {
                 by_host.insert(host.into_boxed_str(), s);
             }
         }
+        let mut by_endpoint_ip = HashMap::new();
+        for (s, service) in services.iter().enumerate() {
+            let clusters = service.ports.iter().flat_map(|p| {
+                p.routes
+                    .iter()
+                    .flat_map(|r| r.destinations.iter().map(|d| &d.cluster))
+            });
+            for cluster in clusters.filter(|c| c.service_name == service.name) {
+                for e in &cluster.endpoints {
+                    by_endpoint_ip
+                        .entry(e.addr.ip())
+                        .or_insert_with(|| (s, e.clone()));
+                }
+            }
+        }
         Snapshot {
             version,
             services,
@@ -91,6 +109,7 @@ impl Snapshot {
             by_host,
             by_short_name,
             http_ports,
+            by_endpoint_ip,
             outbound_policy,
         }
     }
@@ -111,6 +130,14 @@ impl Snapshot {
 
     pub fn outbound_policy(&self) -> OutboundPolicy {
         self.outbound_policy
+    }
+
+    /// The registry's endpoint at `ip` and the namespace of its service: who a connection
+    /// from `ip` comes from, when it is a meshed workload.
+    pub fn workload_at(&self, ip: IpAddr) -> Option<(&Endpoint, &Text)> {
+        self.by_endpoint_ip
+            .get(&ip)
+            .map(|(s, e)| (e, &self.services[*s].namespace))
     }
 
     /// Every name a DNS cluster of this snapshot resolves.

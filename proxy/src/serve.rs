@@ -188,7 +188,11 @@ pub async fn connection<R: Runtime>(
         }
     };
 
-    let labels = plan.labels(&ctx.identity, upstream.endpoint, ResponseFlag::None);
+    let mut labels = plan.labels(&ctx.identity, upstream.endpoint, ResponseFlag::None);
+    if direction == Direction::Inbound {
+        let snapshot = ctx.store.load();
+        Identity::with_source(&mut labels, snapshot.workload_at(peer.addr.ip()));
+    }
     let handles = ctx.metrics.tcp.open(&labels);
     ctx.metrics.active_connections.inc();
     let ends = Ends {

@@ -193,6 +193,27 @@ impl Identity {
         l
     }
 
+    /// Fills the `source_*` labels of an inbound label set from the registry's endpoint at the
+    /// peer's address (Istio learns them by metadata exchange; the registry already knows).
+    pub fn with_source(labels: &mut TcpLabels, source: Option<(&Endpoint, &Value)>) {
+        let Some((endpoint, namespace)) = source else {
+            return;
+        };
+        let label = |key: &str| endpoint.labels.get_shared(key).cloned();
+        if let Some(workload) = label("isthmus.io/workload") {
+            labels.source_workload = workload;
+        }
+        if let Some(app) = label("app") {
+            labels.source_app = app.clone();
+            labels.source_canonical_service = app;
+        }
+        if let Some(version) = label("version") {
+            labels.source_version = version;
+        }
+        labels.source_workload_namespace = namespace.clone();
+        // `source_principal` stays unknown: it is the peer's authenticated identity (mTLS).
+    }
+
     /// Labels for an inbound connection to this workload (reporter="destination").
     pub fn inbound(&self, flag: ResponseFlag) -> TcpLabels {
         let mut l = self.base("destination");

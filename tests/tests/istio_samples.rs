@@ -129,6 +129,21 @@ fn bookinfo_samples_route_shift_and_inject_faults_as_the_task_pages_say() {
     }
     let reviews = |jason, n| served_by(&mesh, "productpage-v1", "reviews", jason, n);
     assert_eq!(reviews(true, 50), only("reviews-v1", 50));
+    // The server side names its caller from the registry (Istio's metadata exchange does it
+    // in Istio): reviews-v1's sidecar counts productpage's 100 calls under productpage.
+    let from_productpage = [
+        ("reporter", "destination"),
+        ("source_workload", "productpage-v1"),
+        ("source_app", "productpage"),
+        ("source_workload_namespace", "default"),
+        ("destination_workload", "reviews-v1"),
+    ];
+    isthmus_tests::probe::wait_metric(
+        mesh.pod("reviews-v1"),
+        "istio_requests_total",
+        &from_productpage,
+        100.0,
+    );
 
     // Request routing, step 2 (and fault injection's starting point), with the ratings delay.
     apply(

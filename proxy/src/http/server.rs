@@ -33,7 +33,7 @@ use crate::metrics::{HttpHandles, HttpLabels};
 use crate::outlier;
 use crate::route::Target;
 use crate::serve::{Context, Direction};
-use crate::telemetry::ResponseFlag;
+use crate::telemetry::{Identity, ResponseFlag};
 
 /// Where a connection came in and was going.
 #[derive(Debug, Clone, Copy)]
@@ -878,7 +878,12 @@ impl HandleCache {
             Some(i) => &self.entries[i].1,
             None => {
                 let mut tcp = match target {
-                    Target::Inbound => ctx.identity.inbound(record.flag),
+                    Target::Inbound => {
+                        let mut labels = ctx.identity.inbound(record.flag);
+                        let snapshot = ctx.store.load();
+                        Identity::with_source(&mut labels, snapshot.workload_at(info.peer.ip()));
+                        labels
+                    }
                     Target::Service { service, cluster } => {
                         let endpoint = endpoint.and_then(|i| cluster.endpoints.get(i));
                         ctx.identity
