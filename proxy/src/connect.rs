@@ -70,6 +70,26 @@ impl ConnectError {
     }
 }
 
+/// Applies a DestinationRule's `tcpKeepalive` to an upstream socket (unset fields keep the
+/// OS defaults).
+pub fn set_keepalive(socket: &impl std::os::fd::AsRawFd, keepalive: &isthmus_config::TcpKeepalive) {
+    let mut params = socket2::TcpKeepalive::new();
+    if let Some(time) = keepalive.time {
+        params = params.with_time(time);
+    }
+    if let Some(interval) = keepalive.interval {
+        params = params.with_interval(interval);
+    }
+    if let Some(probes) = keepalive.probes {
+        params = params.with_retries(probes);
+    }
+    // SAFETY: the descriptor belongs to `socket`, alive for the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_tcp_keepalive(&params) {
+        tracing::debug!("setting TCP keepalive failed: {e}");
+    }
+}
+
 /// Tries `candidates` (address, endpoint index) in order until one connects.
 pub async fn connect<R: Runtime>(
     candidates: &[(SocketAddr, Option<usize>)],

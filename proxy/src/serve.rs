@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::breaker;
 use crate::connect::{self, ConnectPolicy};
@@ -154,6 +154,11 @@ pub async fn connection<R: Runtime>(
     };
     let upstream = match connect::connect::<R>(&plan.candidates, &connect_policy).await {
         Ok(upstream) => {
+            if let Some(keepalive) =
+                cluster.and_then(|c| c.policy.connection_pool.tcp_keepalive.as_ref())
+            {
+                connect::set_keepalive(&upstream.stream, keepalive);
+            }
             // Outlier detection: the candidates tried before this one failed to connect.
             if let Some(cluster) = cluster {
                 for &(_, tried) in plan
@@ -203,7 +208,16 @@ pub async fn connection<R: Runtime>(
         to_downstream: &handles.sent,
         buffers: &ctx.metrics.relay_buffer_bytes,
     };
-    let (moved, end) = relay::relay::<R>(ends, ctx.bounds, &mut drain).await;
+    // The DestinationRule's `connectionPool.tcp.idleTimeout` (zero: none) replaces the default.
+    let bounds = match cluster.and_then(|c| c.policy.connection_pool.idle_timeout) {
+        Some(idle) if idle.is_zero() => Bounds {
+            idle: Duration::from_secs(u64::from(u32::MAX)),
+            ..ctx.bounds
+        },
+        Some(idle) => Bounds { idle, ..ctx.bounds },
+        None => ctx.bounds,
+    };
+    let (moved, end) = relay::relay::<R>(ends, bounds, &mut drain).await;
     ctx.metrics.active_connections.dec();
     handles.closed.inc();
     if let Some(timeout) = end.timeout_label() {

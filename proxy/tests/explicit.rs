@@ -62,3 +62,48 @@ fn explicit_listener_routes_reloads_and_refuses_io_uring() {
 fn explicit_listener_routes_reloads_and_refuses_epoll() {
     scenario("epoll", "epoll");
 }
+
+/// The DestinationRule's `connectionPool.tcp.idleTimeout` ends an idle relayed connection (the
+/// default is 1 h), and its `tcpKeepalive` is set on the upstream socket (seen with `ss`).
+#[test]
+fn destination_rule_tcp_idle_timeout_and_keepalive_apply_to_relayed_connections() {
+    let server = greeter("db");
+    let proxy = start(Options {
+        endpoint: Some(server),
+        ..Options::default()
+    });
+    proxy.reconfigure(&format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: test}}\n\
+         spec:\n  host: db\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        idleTimeout: 1s\n\
+         \x20       tcpKeepalive: {{time: 7s, interval: 3s, probes: 4}}\n",
+        config(server)
+    ));
+    let mut stream = TcpStream::connect(proxy.listen).unwrap();
+    let mut greeting = [0u8; 3];
+    std::io::Read::read_exact(&mut stream, &mut greeting).unwrap();
+    assert_eq!(&greeting, b"db\n");
+    // The proxy's socket to the server has keepalive on, with the rule's idle time.
+    let ss = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", "dst", &server.to_string()])
+        .output();
+    match ss {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("timer:(keepalive,"),
+                "no keepalive timer on the upstream socket:\n{text}"
+            );
+        }
+        _ => skip("`ss` (iproute2) is not installed: the keepalive check needs it"),
+    }
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        expect_closed(&mut stream),
+        Closed::Eof | Closed::Reset
+    ));
+    let idle = started.elapsed();
+    assert!(
+        idle >= std::time::Duration::from_millis(900) && idle < std::time::Duration::from_secs(4),
+        "{idle:?}"
+    );
+}

@@ -54,6 +54,7 @@ pub fn send(
             connect_timeout,
             pool_idle: settings.pool_idle,
             max_requests: 0,
+            keepalive: None,
         };
         tokio::task::spawn_local(async move {
             let sent =

@@ -23,6 +23,8 @@ pub struct Upstream {
     pub pool_idle: Duration,
     /// `maxRequestsPerConnection`; 0 = unlimited.
     pub max_requests: u32,
+    /// `connectionPool.tcp.tcpKeepalive` for new connections.
+    pub keepalive: Option<isthmus_config::TcpKeepalive>,
 }
 
 /// Why an attempt produced no response head.
@@ -119,7 +121,12 @@ pub(crate) async fn checkout(up: &Upstream) -> Result<(Conn, bool, u32), Failure
         return Ok((c.conn, true, c.used));
     }
     match tokio::time::timeout(up.connect_timeout, TcpStream::connect(up.addr)).await {
-        Ok(Ok(stream)) => Ok((Conn::new(stream, Vec::new()), false, 0)),
+        Ok(Ok(stream)) => {
+            if let Some(keepalive) = &up.keepalive {
+                crate::connect::set_keepalive(&stream, keepalive);
+            }
+            Ok((Conn::new(stream, Vec::new()), false, 0))
+        }
         Ok(Err(e)) => {
             tracing::debug!(addr = %up.addr, "connect failed: {e}");
             Err(Failure::Connect)
