@@ -262,6 +262,11 @@ static SCRATCH: AtomicU64 = AtomicU64::new(0);
 
 /// `curl --http2-prior-knowledge` to `http://HOST PATH`, connected to `via`.
 fn curl(via: SocketAddr, host: &str, path: &str, args: &[&str]) -> Got {
+    curl_as("--http2-prior-knowledge", via, host, path, args)
+}
+
+/// curl speaking `version` (`--http1.1`, `--http2-prior-knowledge`).
+fn curl_as(version: &str, via: SocketAddr, host: &str, path: &str, args: &[&str]) -> Got {
     let dir = std::env::temp_dir().join(format!(
         "isthmus-h2-curl-{}-{}",
         std::process::id(),
@@ -270,14 +275,7 @@ fn curl(via: SocketAddr, host: &str, path: &str, args: &[&str]) -> Got {
     std::fs::create_dir_all(&dir).unwrap();
     let (head, body): (PathBuf, PathBuf) = (dir.join("head"), dir.join("body"));
     let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "10",
-            "--http2-prior-knowledge",
-        ])
+        .args(["-sS", "--noproxy", "*", "--max-time", "10", version])
         .arg("--connect-to")
         .arg(format!("{host}:80:{}:{}", via.ip(), via.port()))
         .arg("-D")
@@ -646,4 +644,54 @@ fn timeouts_and_client_cancels_reset_the_upstream_stream() {
     mesh.proxy.wait_until("the upstream stream reset", |_| {
         mesh.seen.count("reset CANCEL") >= 2
     });
+}
+
+#[test]
+fn http1_clients_reach_an_h2_upstream() {
+    // h2svc's port is declared HTTP2: an HTTP/1.1 client's requests go upstream in h2.
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    let h1 = |path: &str, args: &[&str]| curl_as("--http1.1", mesh.h2svc, "h2svc", path, args);
+    let r = h1("/hello", &[]);
+    assert_eq!((r.status, r.version.as_str()), (200, "1.1"), "{r:?}");
+    assert_eq!(r.text(), "h2 GET /hello");
+    assert_eq!(r.header("x-authority"), Some("h2svc"));
+    assert_eq!(mesh.seen.connections.load(Ordering::Relaxed), 1);
+    // h2 trailers come back as chunked trailers to a client that asked for them.
+    let r = h1("/trailers", &["-H", "te: trailers"]);
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "with trailers"),
+        "{r:?}"
+    );
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(
+        r.trailers,
+        vec![("x-trailer".to_string(), "yes".to_string())]
+    );
+    // Bodies both ways, by length and chunked.
+    let r = h1("/echo", &["--data-binary", "by length"]);
+    assert_eq!((r.status, r.text().as_str()), (200, "by length"), "{r:?}");
+    let chunked = [
+        "-H",
+        "transfer-encoding: chunked",
+        "--data-binary",
+        "in chunks",
+    ];
+    let r = h1("/echo", &chunked);
+    assert_eq!((r.status, r.text().as_str()), (200, "in chunks"), "{r:?}");
+    // REFUSED_STREAM retried for an HTTP/1 client too; an upstream reset mid-body resets it.
+    let r = h1("/refuse/h1/1", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(mesh.seen.count("/refuse/h1/1"), 2);
+    let r = h1("/reset", &[]);
+    assert_ne!(r.exit, 0, "{r:?}");
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "h2svc"),
+            ("response_code", "200"),
+        ],
+        5.0,
+    );
 }

@@ -31,7 +31,6 @@ use crate::http::server::{ConnInfo, Forward, Record};
 use crate::http::upstream::{self, Failure, Upstream};
 use crate::http::Settings;
 use crate::outlier;
-use crate::route::Target;
 use crate::serve::Context;
 use crate::telemetry::ResponseFlag;
 
@@ -71,15 +70,7 @@ pub(crate) async fn run(
     record: &mut Record,
 ) -> Option<usize> {
     let settings = x.settings;
-    let port_l7 = match &forward.target {
-        Target::Service { service, cluster } => service
-            .ports
-            .iter()
-            .find(|p| p.number == cluster.port)
-            .map(|p| p.l7()),
-        _ => None,
-    };
-    let protocol = UpstreamProtocol::choose(forward.cluster.map(|c| &**c), port_l7, true);
+    let protocol = UpstreamProtocol::for_forward(forward, true);
     let mut body = RequestBody::new(recv, settings.replay_max, x.grpc);
     let mut attempts = Attempts::new(forward.route, true, false);
     let route_deadline = forward.route_deadline();
@@ -194,18 +185,8 @@ impl Out<'_, '_> {
         self.record.response_bytes = send_local(self.respond, &local, self.head_only);
     }
 
-    /// Whether the cluster's `maxRetries` allows one more retry in flight (taking it).
     fn retry_budget(&mut self) -> bool {
-        let Some(cluster) = self.forward.cluster else {
-            return true;
-        };
-        match breaker::admit_retry(cluster) {
-            Some(guard) => {
-                self.retries.push(guard);
-                true
-            }
-            None => false,
-        }
+        retry_budget(self.forward, &mut self.retries)
     }
 
     /// A response head arrived: outlier detection sees its status, and it is retried if the
@@ -455,4 +436,18 @@ async fn h1_attempt(
     }
     out.body_end(&mut down_send, ended, counter, route_deadline);
     AttemptEnd::Done
+}
+
+/// Whether the cluster's `maxRetries` allows one more retry in flight (held in `retries`).
+pub(super) fn retry_budget<'r>(forward: &Forward<'r>, retries: &mut Vec<InFlight<'r>>) -> bool {
+    let Some(cluster) = forward.cluster else {
+        return true;
+    };
+    match breaker::admit_retry(cluster) {
+        Some(guard) => {
+            retries.push(guard);
+            true
+        }
+        None => false,
+    }
 }

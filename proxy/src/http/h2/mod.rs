@@ -16,6 +16,7 @@ pub mod forward;
 pub mod pump;
 pub mod server;
 pub mod translate;
+pub mod upgrade;
 
 use std::io;
 use std::pin::Pin;
@@ -28,6 +29,8 @@ use tokio::net::TcpStream;
 
 use super::h1::Header;
 use super::local::{header, Local};
+use super::server::Forward;
+use crate::route::Target;
 
 pub use server::serve;
 
@@ -126,6 +129,19 @@ pub enum UpstreamProtocol {
 }
 
 impl UpstreamProtocol {
+    /// For a request from an h2 client (`client_h2`) or an HTTP/1 one, routed to `forward`.
+    pub(crate) fn for_forward(forward: &Forward<'_>, client_h2: bool) -> Self {
+        let port_l7 = match &forward.target {
+            Target::Service { service, cluster } => service
+                .ports
+                .iter()
+                .find(|p| p.number == cluster.port)
+                .map(|p| p.l7()),
+            _ => None,
+        };
+        Self::choose(forward.cluster.map(|c| &**c), port_l7, client_h2)
+    }
+
     /// For a request from an h2 client (`client_h2`) or an HTTP/1 one, to `cluster` (`None`:
     /// inbound or passthrough, where the app's protocol is not declared: the client's is used).
     pub fn choose(cluster: Option<&Cluster>, port_l7: Option<L7>, client_h2: bool) -> Self {

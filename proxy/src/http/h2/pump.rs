@@ -205,7 +205,7 @@ impl Sink<'_> {
         }
     }
 
-    async fn data(&mut self, chunk: Bytes) -> Result<(), SideError> {
+    pub(crate) async fn data(&mut self, chunk: Bytes) -> Result<(), SideError> {
         match self {
             Sink::H2(to) => send_data(to, chunk, false).await.map_err(SideError::H2),
             Sink::H1 { conn, chunked } => {
@@ -225,7 +225,7 @@ impl Sink<'_> {
         }
     }
 
-    async fn end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), SideError> {
+    pub(crate) async fn end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), SideError> {
         match self {
             Sink::H2(to) => finish(to, trailers.cloned()).map_err(SideError::H2),
             Sink::H1 {
