@@ -42,7 +42,11 @@ thread_local! {
     /// connection is being made wait for it instead of each dialling their own.
     static DIALS: RefCell<HashMap<SocketAddr, Rc<tokio::sync::Mutex<()>>>> =
         RefCell::new(HashMap::new());
+    static SWEPT: Cell<Instant> = Cell::new(Instant::now());
 }
+
+/// How often every endpoint's idle connections are swept (on the next checkout).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// A stream's hold on its connection: counted in flight while it lives.
 pub struct Slot {
@@ -77,24 +81,45 @@ pub async fn checkout(up: &H2Upstream) -> Result<Checked, Failure> {
     dial(up).await
 }
 
+/// A pooled connection ready for a stream. One that refuses (it was told GOAWAY, or failed)
+/// is dropped from the pool at once, so that the next request does not try it again.
 async fn ready_pooled(up: &H2Upstream) -> Option<Checked> {
-    let (send, slot) = pooled(up)?;
-    let send = send.ready().await.ok()?;
-    Some(Checked {
-        send,
-        reused: true,
-        slot,
-    })
+    loop {
+        let (send, slot, closed) = pooled(up)?;
+        match send.ready().await {
+            Ok(send) => {
+                return Some(Checked {
+                    send,
+                    reused: true,
+                    slot,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(addr = %up.addr, "pooled h2 connection refused a stream: {e}");
+                closed.set(true);
+            }
+        }
+    }
 }
 
-fn pooled(up: &H2Upstream) -> Option<(SendRequest<Bytes>, Slot)> {
+fn pooled(up: &H2Upstream) -> Option<(SendRequest<Bytes>, Slot, Rc<Cell<bool>>)> {
     CONNECTIONS.with(|all| {
         let mut all = all.borrow_mut();
-        let list = all.get_mut(&up.addr)?;
         let now = Instant::now();
-        list.retain(|e| {
+        let live = |e: &Entry| {
             !e.closed.get() && (e.in_flight.get() > 0 || now.duration_since(e.last_used) < up.idle)
-        });
+        };
+        // Now and then every endpoint's list, so that connections to endpoints no longer
+        // used are closed too.
+        if SWEPT.with(|s| now.duration_since(s.get()) >= SWEEP_EVERY) {
+            SWEPT.with(|s| s.set(now));
+            all.retain(|_, list| {
+                list.retain(live);
+                !list.is_empty()
+            });
+        }
+        let list = all.get_mut(&up.addr)?;
+        list.retain(live);
         let room = |e: &&mut Entry| up.max_streams.is_none_or(|m| e.in_flight.get() < m);
         let entry = list.iter_mut().find(room)?;
         entry.last_used = now;
@@ -104,6 +129,7 @@ fn pooled(up: &H2Upstream) -> Option<(SendRequest<Bytes>, Slot)> {
             Slot {
                 in_flight: entry.in_flight.clone(),
             },
+            entry.closed.clone(),
         ))
     })
 }
