@@ -23,8 +23,8 @@ use super::local::{header, Local};
 use super::retry::{self, Attempts};
 use super::router::{self, RequestView, Source};
 use super::upstream::{self, Failure, Upstream};
+use super::mirror;
 use super::{filters, Settings};
-use super::{h2, mirror};
 use crate::balance;
 use crate::breaker;
 use crate::dns;
@@ -545,21 +545,6 @@ async fn exchange(
         };
         let connect_timeout = ctx.connect.attempt_timeout;
         mirror::send(&route.mirrors, &head, body, settings, connect_timeout);
-    }
-
-    // A port declared HTTP2/GRPC, or `h2UpgradePolicy: UPGRADE`: upstream in h2.
-    if !upgrade && h2::upgrade::wanted(&forward) {
-        let request = h2::upgrade::Request {
-            head: &head,
-            replayable,
-            client_version,
-            keep_alive: client_keep_alive && !draining,
-            wants_trailers,
-        };
-        let (keep, endpoint) =
-            h2::upgrade::exchange(down, request, &forward, ctx, info.dst, &mut record).await;
-        finish(handles, endpoint, &record);
-        return keep;
     }
 
     let mut attempts = Attempts::new(forward.route, replayable, upgrade);
