@@ -3,7 +3,8 @@
 //! `http1MaxPendingRequests` (HTTP/1 carries one request per connection, so requests beyond
 //! the connections are the pending ones), is refused at once with 503 `UO`; a TCP connection
 //! over `maxConnections` is closed with `UO`. Retries beyond `maxRetries` in flight are not
-//! made. Guards give back what they took when dropped, on every path.
+//! made, nor beyond a `retryBudget`. Guards give back what they took when dropped, on every
+//! path.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -51,12 +52,18 @@ pub fn admit_connection(cluster: &Cluster) -> Option<InFlight<'_>> {
     take(&cluster.load().connections, u64::from(pool.max_connections))
 }
 
-/// Admits one more retry to `cluster`, or `None` when `maxRetries` are in flight.
+/// Admits one more retry to `cluster`, or `None` when `maxRetries` are in flight — or, with a
+/// `retryBudget`, when retries would exceed its share of the requests in flight (but never
+/// fewer than its `minRetryConcurrency`), as Envoy's retry budget.
 pub fn admit_retry(cluster: &Cluster) -> Option<InFlight<'_>> {
-    take(
-        &cluster.load().active_retries,
-        u64::from(cluster.policy.connection_pool.max_retries),
-    )
+    let load = cluster.load();
+    let mut limit = u64::from(cluster.policy.connection_pool.max_retries);
+    if let Some(budget) = &cluster.policy.retry_budget {
+        let active = f64::from(load.active_requests.load(Ordering::Relaxed));
+        let share = (active * budget.percent / 100.0) as u64;
+        limit = limit.min(share.max(u64::from(budget.min_retry_concurrency)));
+    }
+    take(&load.active_retries, limit)
 }
 
 /// Counts a request in flight at one endpoint (least-request balancing) while it lives.
@@ -65,4 +72,61 @@ pub fn at_endpoint(cluster: &Cluster, endpoint: usize) -> Option<InFlight<'_>> {
         e.active_requests.fetch_add(1, Ordering::Relaxed);
         InFlight(&e.active_requests)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use isthmus_config::{load, SourceFile};
+
+    use super::*;
+
+    fn cluster(policy: &str) -> std::sync::Arc<Cluster> {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web, namespace: test}}\n\
+             spec:\n  hosts: [web]\n  addresses: [10.96.0.2]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n\
+             \x20 endpoints: [{{address: 10.0.0.1}}]\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: test}}\n\
+             spec:\n  host: web\n  trafficPolicy: {policy}\n"
+        );
+        let snapshot = load(&[SourceFile::new("a.yaml", text)]).unwrap();
+        let (_, port) = snapshot
+            .service_port("10.96.0.2:80".parse().unwrap())
+            .unwrap();
+        port.routes[0].destinations[0].cluster.clone()
+    }
+
+    #[test]
+    fn limits_refuse_past_them_and_guards_give_back() {
+        let c = cluster(
+            "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}",
+        );
+        let a = admit_request(&c).unwrap();
+        let b = admit_request(&c).unwrap();
+        assert!(admit_request(&c).is_none(), "a third request in flight");
+        drop(a);
+        let _c = admit_request(&c).expect("a guard gave its slot back");
+        drop(b);
+        let conn = admit_connection(&c).unwrap();
+        assert!(admit_connection(&c).is_none());
+        drop(conn);
+        assert!(admit_connection(&c).is_some());
+    }
+
+    #[test]
+    fn a_retry_budget_bounds_retries_by_the_requests_in_flight() {
+        let c = cluster("{connectionPool: {http: {maxRetries: 10}}, retryBudget: {percent: 50, minRetryConcurrency: 1}}");
+        let _in_flight: Vec<_> = (0..4).map(|_| admit_request(&c).unwrap()).collect();
+        let r1 = admit_retry(&c).unwrap();
+        let _r2 = admit_retry(&c).unwrap();
+        assert!(
+            admit_retry(&c).is_none(),
+            "50 % of 4 requests in flight is 2 retries"
+        );
+        drop(r1);
+        assert!(admit_retry(&c).is_some());
+        // With nothing in flight, the minimum concurrency still allows one.
+        let idle = cluster("{retryBudget: {percent: 50, minRetryConcurrency: 1}}");
+        let _one = admit_retry(&idle).unwrap();
+        assert!(admit_retry(&idle).is_none());
+    }
 }
