@@ -14,7 +14,7 @@ export ISTHMUS_SKIP_LOG
 ISTHMUS_SKIP_LOG=$(mktemp)
 trap 'rm -f "$log" "$ISTHMUS_SKIP_LOG"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 if [ -s "$ISTHMUS_SKIP_LOG" ]; then
   echo
   echo "skipped at run time:"
