@@ -217,7 +217,31 @@ pub async fn connection<R: Runtime>(
         Some(idle) => Bounds { idle, ..ctx.bounds },
         None => ctx.bounds,
     };
-    let (moved, end) = relay::relay::<R>(ends, bounds, &mut drain).await;
+    let relaying = relay::relay::<R>(ends, bounds, &mut drain);
+    let max_duration = cluster.and_then(|c| c.policy.connection_pool.max_connection_duration);
+    let (moved, end) = match max_duration {
+        None => relaying.await,
+        Some(max) => {
+            // `maxConnectionDuration`: at the deadline both sockets are shut down, which ends
+            // the relay's reads and writes at once; the relay then finishes as usual.
+            tokio::pin!(relaying);
+            tokio::select! {
+                done = &mut relaying => done,
+                _ = R::sleep_until(started + max) => {
+                    let _ = downstream.shutdown_both();
+                    let _ = upstream.stream.shutdown_both();
+                    ctx.metrics
+                        .connection_timeouts
+                        .get_or_create(&TimeoutLabels {
+                            direction: direction.as_str(),
+                            timeout: "max_duration",
+                        })
+                        .inc();
+                    relaying.await
+                }
+            }
+        }
+    };
     ctx.metrics.active_connections.dec();
     handles.closed.inc();
     if let Some(timeout) = end.timeout_label() {

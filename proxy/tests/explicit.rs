@@ -107,3 +107,54 @@ fn destination_rule_tcp_idle_timeout_and_keepalive_apply_to_relayed_connections(
         "{idle:?}"
     );
 }
+
+/// `connectionPool.tcp.maxConnectionDuration` ends a relayed connection that is still busy.
+#[test]
+fn destination_rule_max_connection_duration_ends_a_busy_connection() {
+    use std::io::{Read, Write};
+    let server = greeter("db");
+    let proxy = start(Options {
+        endpoint: Some(server),
+        ..Options::default()
+    });
+    proxy.reconfigure(&format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: test}}\n\
+         spec:\n  host: db\n  trafficPolicy: {{connectionPool: {{tcp: {{maxConnectionDuration: 1s}}}}}}\n",
+        config(server)
+    ));
+    let mut stream = TcpStream::connect(proxy.listen).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut greeting = [0u8; 3];
+    stream.read_exact(&mut greeting).unwrap();
+    // Echo a byte every 100 ms until the proxy ends the connection (bounded: 50 rounds).
+    let mut ended = None;
+    for _ in 0..50 {
+        let mut byte = [0u8; 1];
+        let echoed = stream.write_all(b"x").and_then(|_| stream.read(&mut byte));
+        match echoed {
+            Ok(1) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            Ok(_) | Err(_) => {
+                ended = Some(started.elapsed());
+                break;
+            }
+        }
+    }
+    let ended = ended.expect("the connection outlived its maximum duration");
+    assert!(
+        ended >= std::time::Duration::from_millis(900) && ended < std::time::Duration::from_secs(3),
+        "{ended:?}"
+    );
+    let metrics = proxy.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "isthmus_proxy_connection_timeouts_total",
+            &[("timeout", "max_duration")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+}

@@ -40,6 +40,8 @@ pub struct Conn {
     pos: usize,
     /// Bytes read from the socket (prefix excluded), for telemetry.
     pub read_total: u64,
+    /// After this instant the connection is not reused (`maxConnectionDuration`).
+    retire_at: Option<Instant>,
 }
 
 impl Conn {
@@ -51,7 +53,14 @@ impl Conn {
             buf: prefix,
             pos: 0,
             read_total: 0,
+            retire_at: None,
         }
+    }
+
+    /// Retires the connection from reuse `max_age` from now (DestinationRule
+    /// `connectionPool.tcp.maxConnectionDuration`).
+    pub fn retire_after(&mut self, max_age: std::time::Duration) {
+        self.retire_at = Some(Instant::now() + max_age);
     }
 
     pub fn buffered(&self) -> &[u8] {
@@ -116,7 +125,7 @@ impl Conn {
     /// Whether a pooled, idle connection is still usable: nothing unexpected to read and the
     /// peer has not closed it.
     pub fn is_reusable(&self) -> bool {
-        if !self.buffered().is_empty() {
+        if !self.buffered().is_empty() || self.retire_at.is_some_and(|t| Instant::now() >= t) {
             return false;
         }
         let mut probe = [0u8; 1];
@@ -167,5 +176,33 @@ impl Conn {
         let mut buf = self.buf;
         buf.drain(..self.pos);
         (self.stream, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_retired_or_closed_connection_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.unwrap();
+        let mut conn = Conn::new(client.unwrap(), Vec::new());
+        assert!(conn.is_reusable());
+        conn.retire_after(std::time::Duration::from_secs(3600));
+        assert!(conn.is_reusable(), "retired before its time");
+        conn.retire_after(std::time::Duration::ZERO);
+        assert!(!conn.is_reusable(), "reused past maxConnectionDuration");
+        let fresh = {
+            let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            drop(accepted.unwrap());
+            Conn::new(client.unwrap(), Vec::new())
+        };
+        // The server closed it: seen as soon as the FIN is in.
+        fresh.stream.readable().await.unwrap();
+        assert!(!fresh.is_reusable(), "a connection the server closed");
+        drop(server);
     }
 }

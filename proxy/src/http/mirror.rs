@@ -55,6 +55,7 @@ pub fn send(
             pool_idle: settings.pool_idle,
             max_requests: 0,
             keepalive: None,
+            max_duration: None,
         };
         tokio::task::spawn_local(async move {
             let sent =

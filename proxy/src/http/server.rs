@@ -20,11 +20,11 @@ use super::cors::{self, Cors};
 use super::h1::{self, Framing, Header, RequestHead, Version};
 use super::io::Conn;
 use super::local::{header, Local};
-use super::mirror;
 use super::retry::{self, Attempts};
 use super::router::{self, RequestView, Source};
 use super::upstream::{self, Failure, Upstream};
 use super::{filters, Settings};
+use super::{h2, mirror};
 use crate::balance;
 use crate::breaker;
 use crate::dns;
@@ -251,6 +251,7 @@ impl Forward<'_> {
             pool_idle: self.pool_idle(&ctx.http),
             max_requests: pool.map_or(0, |p| p.max_requests_per_connection),
             keepalive: pool.and_then(|p| p.tcp_keepalive),
+            max_duration: pool.and_then(|p| p.max_connection_duration),
         }
     }
 
@@ -545,6 +546,21 @@ async fn exchange(
         };
         let connect_timeout = ctx.connect.attempt_timeout;
         mirror::send(&route.mirrors, &head, body, settings, connect_timeout);
+    }
+
+    // A port declared HTTP2/GRPC, or `h2UpgradePolicy: UPGRADE`: upstream in h2.
+    if !upgrade && h2::upgrade::wanted(&forward) {
+        let request = h2::upgrade::Request {
+            head: &head,
+            replayable,
+            client_version,
+            keep_alive: client_keep_alive && !draining,
+            wants_trailers,
+        };
+        let (keep, endpoint) =
+            h2::upgrade::exchange(down, request, &forward, ctx, info.dst, &mut record).await;
+        finish(handles, endpoint, &record);
+        return keep;
     }
 
     let mut attempts = Attempts::new(forward.route, replayable, upgrade);

@@ -25,6 +25,8 @@ pub struct Upstream {
     pub max_requests: u32,
     /// `connectionPool.tcp.tcpKeepalive` for new connections.
     pub keepalive: Option<isthmus_config::TcpKeepalive>,
+    /// `connectionPool.tcp.maxConnectionDuration`: not reused after it.
+    pub max_duration: Option<Duration>,
 }
 
 /// Why an attempt produced no response head.
@@ -125,7 +127,11 @@ pub(crate) async fn checkout(up: &Upstream) -> Result<(Conn, bool, u32), Failure
             if let Some(keepalive) = &up.keepalive {
                 crate::connect::set_keepalive(&stream, keepalive);
             }
-            Ok((Conn::new(stream, Vec::new()), false, 0))
+            let mut conn = Conn::new(stream, Vec::new());
+            if let Some(max_age) = up.max_duration {
+                conn.retire_after(max_age);
+            }
+            Ok((conn, false, 0))
         }
         Ok(Err(e)) => {
             tracing::debug!(addr = %up.addr, "connect failed: {e}");
