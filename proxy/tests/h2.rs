@@ -195,9 +195,9 @@ struct Mesh {
     web_app: SocketAddr,
 }
 
-/// The proxy with three explicit listeners; `grpc_endpoint` is where the gRPC service's
-/// endpoint listens (a server may or may not be started there).
-fn mesh(grpc_endpoint: SocketAddr, extra: &str) -> Mesh {
+/// The proxy (with `args` more) and three explicit listeners; `grpc_endpoint` is where the
+/// gRPC service's endpoint listens (a server may or may not be started there).
+fn mesh(grpc_endpoint: SocketAddr, args: &[&str]) -> Mesh {
     let (h2_addr, seen) = h2_upstream();
     let web_addr = app("web");
     let listen = || -> SocketAddr { ([127, 0, 0, 1], free_port()).into() };
@@ -210,7 +210,10 @@ fn mesh(grpc_endpoint: SocketAddr, extra: &str) -> Mesh {
             format!("{web}=10.96.0.2:80"),
             "--explicit".into(),
             format!("{grpc}=10.96.0.4:50051"),
-        ],
+        ]
+        .into_iter()
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect(),
         wait_ready: false,
         ..Options::default()
     });
@@ -219,7 +222,6 @@ fn mesh(grpc_endpoint: SocketAddr, extra: &str) -> Mesh {
         service("web", "10.96.0.2", 80, "HTTP", web_addr),
         service("grpc", "10.96.0.4", 50051, "GRPC", grpc_endpoint),
         H2SVC_ROUTES.to_string(),
-        extra.to_string(),
     ]
     .concat();
     proxy.reconfigure(&config);
@@ -327,7 +329,7 @@ fn wait_metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)], at_least: f64
 
 #[test]
 fn curl_prior_knowledge_to_h2_and_http1_upstreams() {
-    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), &[]);
     // h2 to an h2 upstream (the port is declared HTTP2).
     let r = curl(mesh.h2svc, "h2svc", "/hello", &[]);
     assert_eq!(
@@ -450,7 +452,7 @@ fn curl_prior_knowledge_to_h2_and_http1_upstreams() {
 
 #[test]
 fn h2load_many_streams_on_one_connection() {
-    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), &[]);
     let url = format!("http://{}/load", mesh.h2svc);
     let out = Command::new("h2load")
         .args(["-n", "1000", "-c", "1", "-m", "50", "-t", "1", &url])
@@ -483,7 +485,7 @@ fn h2load_many_streams_on_one_connection() {
 
 #[test]
 fn resets_cross_the_proxy_and_refused_streams_are_retried() {
-    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), &[]);
     // The upstream resets after the head and a first DATA frame: the client's stream is
     // reset too (curl: "HTTP/2 stream was not closed cleanly", exit 92).
     let r = curl(mesh.h2svc, "h2svc", "/reset", &[]);
@@ -568,7 +570,7 @@ fn grpc_unary_streaming_and_status_retry() {
         "grpc_server.py"
     );
     let endpoint: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mesh = mesh(endpoint, "");
+    let mesh = mesh(endpoint, &[]);
 
     let calls = grpc_call(
         python,
@@ -622,7 +624,7 @@ fn grpc_unary_streaming_and_status_retry() {
 
 #[test]
 fn timeouts_and_client_cancels_reset_the_upstream_stream() {
-    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), &[]);
     // The route's timeout: 504 UT, and the upstream stream is cancelled.
     let started = Instant::now();
     let r = curl(mesh.h2svc, "h2svc", "/timed", &[]);
@@ -649,7 +651,7 @@ fn timeouts_and_client_cancels_reset_the_upstream_stream() {
 #[test]
 fn http1_clients_reach_an_h2_upstream() {
     // h2svc's port is declared HTTP2: an HTTP/1.1 client's requests go upstream in h2.
-    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), "");
+    let mesh = mesh(([127, 0, 0, 1], free_port()).into(), &[]);
     let h1 = |path: &str, args: &[&str]| curl_as("--http1.1", mesh.h2svc, "h2svc", path, args);
     let r = h1("/hello", &[]);
     assert_eq!((r.status, r.version.as_str()), (200, "1.1"), "{r:?}");
@@ -694,4 +696,40 @@ fn http1_clients_reach_an_h2_upstream() {
         ],
         5.0,
     );
+}
+
+#[test]
+fn closing_ends_h2_connections_with_goaway() {
+    let mut mesh = mesh(
+        ([127, 0, 0, 1], free_port()).into(),
+        &["--drain-timeout-secs", "1"],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(mesh.proxy.child.id() as i32);
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(mesh.h2svc).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = Request::get("http://h2svc/slow").body(()).unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Outbound keeps working while draining; the drain timeout (1 s) then closes
+        // everything: the connection gets GOAWAY and ends, the stream with it.
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let started = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        assert!(ended.is_ok(), "the h2 connection outlived the drain");
+        assert!(response.await.is_err(), "the slow stream completed");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+    let status = mesh.proxy.wait_exit(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
