@@ -193,6 +193,9 @@ struct Mesh {
     seen: Arc<Seen>,
     /// The HTTP/1 app behind `web`, asked directly.
     web_app: SocketAddr,
+    /// The h2c upstream, and the config the proxy was given.
+    h2_upstream: SocketAddr,
+    config: String,
 }
 
 /// The proxy (with `args` more) and three explicit listeners; `grpc_endpoint` is where the
@@ -233,6 +236,8 @@ fn mesh(grpc_endpoint: SocketAddr, args: &[&str]) -> Mesh {
         grpc,
         seen,
         web_app: web_addr,
+        h2_upstream: h2_addr,
+        config,
     }
 }
 
@@ -732,4 +737,48 @@ fn closing_ends_h2_connections_with_goaway() {
     });
     let status = mesh.proxy.wait_exit(Duration::from_secs(5));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+#[test]
+fn upgrade_policy_and_client_protocol_choose_h2_on_an_http_port() {
+    // `h2up` at 10.96.0.5:80 is declared HTTP, and its endpoint speaks only h2.
+    let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let explicit = format!("{listen}=10.96.0.5:80");
+    let mesh = mesh(
+        ([127, 0, 0, 1], free_port()).into(),
+        &["--explicit", &explicit],
+    );
+    let with_pool = |pool: &str| {
+        let rule = format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: h2up, namespace: test}}\nspec:\n  host: h2up\n\
+             \x20 trafficPolicy: {{connectionPool: {{http: {{{pool}}}}}}}\n"
+        );
+        let h2up = service("h2up", "10.96.0.5", 80, "HTTP", mesh.h2_upstream);
+        mesh.proxy
+            .reconfigure(&[mesh.config.as_str(), &h2up, &rule].concat());
+    };
+    let h1 = || curl_as("--http1.1", listen, "h2up", "/hello", &[]);
+    let h2 = || curl(listen, "h2up", "/hello", &[]);
+    // Istio's default (DO_NOT_UPGRADE): HTTP/1.1 upstream, which this endpoint refuses.
+    with_pool("maxRequestsPerConnection: 0");
+    assert_eq!(h1().status, 503);
+    assert_eq!(
+        h2().status,
+        503,
+        "an h2 client to an HTTP port goes upstream in HTTP/1.1"
+    );
+    // UPGRADE: h2 upstream for both.
+    with_pool("h2UpgradePolicy: UPGRADE");
+    let r = h1();
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "h2 GET /hello"),
+        "{r:?}"
+    );
+    assert_eq!(h2().status, 200);
+    // useClientProtocol: the client's protocol.
+    with_pool("useClientProtocol: true");
+    assert_eq!(h2().status, 200);
+    assert_eq!(h1().status, 503);
 }
