@@ -24,10 +24,12 @@ use super::{
     grpc_local, to_header_map, to_headers, until, within, MessageCounter, UpstreamProtocol,
 };
 use crate::breaker::{self, InFlight};
+use crate::http::decide::Forward;
 use crate::http::h1::{Framing, Header};
 use crate::http::local::Local;
+use crate::http::record::Record;
 use crate::http::retry::{self, Attempts};
-use crate::http::server::{ConnInfo, Forward, Record};
+use crate::http::server::ConnInfo;
 use crate::http::upstream::{self, Failure, Upstream};
 use crate::http::Settings;
 use crate::outlier;

@@ -1,7 +1,7 @@
 //! HTTP/2 and gRPC through the sidecar, with the `h2` crate on tokio's readiness I/O (the L7
 //! I/O decision, docs/ARCHITECTURE.md). A client connection whose first bytes are the h2
 //! preface is served by [`server`]: each stream is its own task on the worker's thread, routed
-//! by the same [`super::server::decide`] as HTTP/1, and forwarded to an h2 upstream over a
+//! by the same [`super::decide::decide`] as HTTP/1, and forwarded to an h2 upstream over a
 //! per-worker multiplexed connection ([`client`]) or translated to HTTP/1.1 ([`translate`]).
 //! Bodies stream both ways under h2 flow control ([`pump`]): a window is released only once its
 //! bytes have been passed on, so a slow reader slows its writer and nothing piles up here.
@@ -27,9 +27,9 @@ use isthmus_config::{Cluster, L7};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::decide::Forward;
 use super::h1::Header;
 use super::local::{header, Local};
-use super::server::Forward;
 use crate::route::Target;
 
 pub use server::serve;

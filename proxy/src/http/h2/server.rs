@@ -1,7 +1,7 @@
 //! HTTP/2 from the client's side of the sidecar: the connection's frames are driven by its
 //! accept loop, and each stream is a task of its own on the worker's thread (bounded by
 //! [`super::MAX_CONCURRENT_STREAMS`]), routed on the snapshot current when it arrives — the
-//! same decision, filters and local answers as HTTP/1 ([`crate::http::server::decide`]).
+//! same decision, filters and local answers as HTTP/1 ([`crate::http::decide::decide`]).
 //! Drain: an inbound connection gets GOAWAY when draining starts and its streams finish; any
 //! connection is closed when the drain's closing phase comes. An idle connection (no stream
 //! for the idle timeout) is sent GOAWAY too.
@@ -25,10 +25,12 @@ use super::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::drain::{self, Phase};
 use crate::http::access_log::RequestLine;
 use crate::http::cors::{self, Cors};
+use crate::http::decide::{decide, Decision};
 use crate::http::local::{header, Local};
+use crate::http::record::{HandleCache, Record};
 use crate::http::retry;
 use crate::http::router::{RequestView, Source};
-use crate::http::server::{decide, ConnInfo, Decision, HandleCache, Record};
+use crate::http::server::ConnInfo;
 use crate::http::{filters, mirror};
 use crate::route::Target;
 use crate::serve::{Context, Direction};
