@@ -67,17 +67,9 @@ fn explicit_listener_routes_reloads_and_refuses_epoll() {
 /// default is 1 h), and its `tcpKeepalive` is set on the upstream socket (seen with `ss`).
 #[test]
 fn destination_rule_tcp_idle_timeout_and_keepalive_apply_to_relayed_connections() {
-    let server = greeter("db");
-    let proxy = start(Options {
-        endpoint: Some(server),
-        ..Options::default()
-    });
-    proxy.reconfigure(&format!(
-        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: test}}\n\
-         spec:\n  host: db\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        idleTimeout: 1s\n\
-         \x20       tcpKeepalive: {{time: 7s, interval: 3s, probes: 4}}\n",
-        config(server)
-    ));
+    let (server, proxy) = db_with_policy(
+        "{connectionPool: {tcp: {idleTimeout: 1s, tcpKeepalive: {time: 7s, interval: 3s, probes: 4}}}}",
+    );
     let mut stream = TcpStream::connect(proxy.listen).unwrap();
     let mut greeting = [0u8; 3];
     std::io::Read::read_exact(&mut stream, &mut greeting).unwrap();
@@ -112,16 +104,7 @@ fn destination_rule_tcp_idle_timeout_and_keepalive_apply_to_relayed_connections(
 #[test]
 fn destination_rule_max_connection_duration_ends_a_busy_connection() {
     use std::io::{Read, Write};
-    let server = greeter("db");
-    let proxy = start(Options {
-        endpoint: Some(server),
-        ..Options::default()
-    });
-    proxy.reconfigure(&format!(
-        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: test}}\n\
-         spec:\n  host: db\n  trafficPolicy: {{connectionPool: {{tcp: {{maxConnectionDuration: 1s}}}}}}\n",
-        config(server)
-    ));
+    let (_server, proxy) = db_with_policy("{connectionPool: {tcp: {maxConnectionDuration: 1s}}}");
     let mut stream = TcpStream::connect(proxy.listen).unwrap();
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -157,4 +140,20 @@ fn destination_rule_max_connection_duration_ends_a_busy_connection() {
         1.0,
         "{metrics}"
     );
+}
+
+/// A greeter behind the `db` service, and a proxy whose DestinationRule for `db` has `policy`
+/// as its `trafficPolicy`.
+fn db_with_policy(policy: &str) -> (std::net::SocketAddr, Proxy) {
+    let server = greeter("db");
+    let proxy = start(Options {
+        endpoint: Some(server),
+        ..Options::default()
+    });
+    proxy.reconfigure(&format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: test}}\n\
+         spec:\n  host: db\n  trafficPolicy: {policy}\n",
+        config(server)
+    ));
+    (server, proxy)
 }
