@@ -33,6 +33,11 @@ enum Command {
         #[arg(long, default_value = "[::]:9000")]
         echo: SocketAddr,
     },
+    /// Holds a pod's network namespace and nothing else, as the kubelet's pause container
+    /// does (the container tests run it as each pod's infra container): waits for SIGTERM or
+    /// SIGINT, then exits 0.
+    #[command(hide = true)]
+    Pause,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         Command::App { name, http, echo } => {
             isthmus_ctl::app::serve(&name, http, echo).map_err(anyhow::Error::from)
         }
+        Command::Pause => pause().map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,6 +69,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Blocks SIGTERM and SIGINT and waits for one. As PID 1 in a container a signal without a
+/// handler is ignored, so waiting for it synchronously is what lets `docker stop` end us at once.
+fn pause() -> nix::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+    signals.wait()?;
+    Ok(())
 }
 
 fn validate(paths: &[PathBuf]) -> ExitCode {
