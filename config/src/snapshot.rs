@@ -185,7 +185,13 @@ impl Snapshot {
         if host_port.is_some_and(|p| p != port) {
             return None;
         }
-        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let name = name.strip_suffix('.').unwrap_or(name);
+        // Hosts are nearly always lower case already: no copy then.
+        let name: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name.to_ascii_lowercase().into()
+        } else {
+            name.into()
+        };
         let index = self.resolve_host(&name, client_namespace)?;
         let service = &self.services[index];
         let sp = service

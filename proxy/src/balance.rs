@@ -60,8 +60,31 @@ fn healthy_weights(cluster: &Cluster) -> Vec<u32> {
 /// The endpoint for one request or connection. `hash`: the request's consistent-hash key,
 /// when the policy hashes and the request carries the key (else a random endpoint, as Envoy).
 pub fn pick(cluster: &Cluster, hash: Option<u64>) -> Option<usize> {
-    if cluster.endpoints.is_empty() {
+    let n = cluster.endpoints.len();
+    if n == 0 {
         return None;
+    }
+    // The common case — equal weights, no outlier detection — needs no weight list.
+    let uniform = cluster.policy.outlier_detection.is_none()
+        && cluster.endpoints.iter().all(|e| e.weight <= 1);
+    if uniform {
+        let random = || ((random_unit() * n as f64) as usize).min(n - 1);
+        match &cluster.policy.load_balancer {
+            LoadBalancer::RoundRobin | LoadBalancer::Passthrough => {
+                return Some(cluster.next_ticket() % n)
+            }
+            LoadBalancer::Random => return Some(random()),
+            LoadBalancer::LeastRequest => {
+                let (a, b) = (random(), random());
+                let active = |i: usize| {
+                    cluster.load().endpoints[i]
+                        .active_requests
+                        .load(Ordering::Relaxed)
+                };
+                return Some(if active(b) < active(a) { b } else { a });
+            }
+            LoadBalancer::ConsistentHash(_) => {}
+        }
     }
     let weights = healthy_weights(cluster);
     match &cluster.policy.load_balancer {

@@ -185,8 +185,14 @@ pub(crate) fn decide<'s>(
             return Decision::Local(local);
         }
     };
-    let weights: Vec<u32> = destinations.iter().map(|d| d.weight).collect();
-    let Some(index) = balance::pick_weighted(route.next_ticket(), &weights) else {
+    // One destination (the common case) needs no ticket and no weights.
+    let index = if destinations.len() == 1 {
+        Some(0)
+    } else {
+        let weights: Vec<u32> = destinations.iter().map(|d| d.weight).collect();
+        balance::pick_weighted(route.next_ticket(), &weights)
+    };
+    let Some(index) = index else {
         return Decision::Local(Local::failure(ResponseFlag::NoHealthyUpstream));
     };
     let destination = &destinations[index];

@@ -142,11 +142,30 @@ impl fmt::Display for H1Error {
 
 impl std::error::Error for H1Error {}
 
+/// Header slots up to this many live on the stack (the default limit fits): no allocation per
+/// parse.
+const STACK_HEADERS: usize = 100;
+
+/// `limits.max_headers` slots for httparse: the stack array when it is large enough.
+fn header_slots<'a, 'h>(
+    stack: &'a mut [httparse::Header<'h>; STACK_HEADERS],
+    heap: &'a mut Vec<httparse::Header<'h>>,
+    limits: &Limits,
+) -> &'a mut [httparse::Header<'h>] {
+    if limits.max_headers <= STACK_HEADERS {
+        &mut stack[..limits.max_headers]
+    } else {
+        heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        heap
+    }
+}
+
 /// `Ok(None)`: the head is not complete yet (read more). `Ok(Some((head, n)))`: the head took
 /// the first `n` bytes of `buf`; the body (if any) follows.
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(RequestHead, usize)>, H1Error> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut slots);
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let mut req = httparse::Request::new(header_slots(&mut stack, &mut heap, limits));
     let Some(n) = head_len(req.parse(buf), buf.len(), limits)? else {
         return Ok(None);
     };
@@ -178,8 +197,9 @@ pub fn parse_response(
     method: &str,
     limits: &Limits,
 ) -> Result<Option<(ResponseHead, usize)>, H1Error> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut res = httparse::Response::new(&mut slots);
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let mut res = httparse::Response::new(header_slots(&mut stack, &mut heap, limits));
     let Some(n) = head_len(res.parse(buf), buf.len(), limits)? else {
         return Ok(None);
     };
