@@ -2,7 +2,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{ArgAction, Parser, Subcommand};
+use isthmus_ctl::inject::{self, InjectConfig};
 
 #[derive(Parser)]
 #[command(name = "isthmus-ctl", version, about = "isthmus controller and tools")]
@@ -22,6 +24,35 @@ enum Command {
     Validate {
         /// Directories or YAML files.
         paths: Vec<PathBuf>,
+    },
+    /// Add the isthmus init container and sidecar to the pod templates of Kubernetes YAML
+    /// (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob), like
+    /// `istioctl kube-inject`; other documents pass through. Injecting twice changes nothing.
+    Inject {
+        /// YAML or JSON with any number of documents; `-` reads stdin.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: PathBuf,
+        /// Inject config, YAML or JSON (hub, tag, proxyImage, initImage, imagePullPolicy,
+        /// nativeSidecar, configMap, tokenAudience, cluster, proxyResources, initResources).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Image prefix: the images are `{hub}/proxy:{tag}` and `{hub}/init:{tag}` (default
+        /// `isthmus`), as docker/build.sh names them.
+        #[arg(long)]
+        hub: Option<String>,
+        /// Image tag (default `dev`; docker/build.sh also tags each build with its commit).
+        #[arg(long)]
+        tag: Option<String>,
+        /// `false` for clusters older than 1.29: the sidecar becomes the first regular
+        /// container instead of an init container with `restartPolicy: Always`.
+        #[arg(long, value_name = "BOOL", action = ArgAction::Set)]
+        native_sidecar: Option<bool>,
+        /// The ConfigMap mounted as the sidecar's config directory.
+        #[arg(long, value_name = "NAME")]
+        config_map: Option<String>,
+        /// Write the injected YAML here instead of stdout.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// The built-in app the local mesh runs in each pod.
     #[command(hide = true)]
@@ -57,6 +88,25 @@ fn main() -> ExitCode {
             command: LocalCommand::Demo { keep },
         } => isthmus_ctl::local::demo::run(keep).map_err(anyhow::Error::from),
         Command::Validate { paths } => return validate(&paths),
+        Command::Inject {
+            file,
+            config,
+            hub,
+            tag,
+            native_sidecar,
+            config_map,
+            output,
+        } => inject_command(
+            &file,
+            config.as_deref(),
+            InjectFlags {
+                hub,
+                tag,
+                native_sidecar,
+                config_map,
+            },
+            output.as_deref(),
+        ),
         Command::App { name, http, echo } => {
             isthmus_ctl::app::serve(&name, http, echo).map_err(anyhow::Error::from)
         }
@@ -124,6 +174,54 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
                 eprintln!("error: {issue}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Command-line overrides of the inject config file.
+struct InjectFlags {
+    hub: Option<String>,
+    tag: Option<String>,
+    native_sidecar: Option<bool>,
+    config_map: Option<String>,
+}
+
+fn inject_command(
+    file: &std::path::Path,
+    config_file: Option<&std::path::Path>,
+    flags: InjectFlags,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let mut config = match config_file {
+        None => InjectConfig::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+    };
+    config.hub = flags.hub.unwrap_or(config.hub);
+    config.tag = flags.tag.unwrap_or(config.tag);
+    config.native_sidecar = flags.native_sidecar.unwrap_or(config.native_sidecar);
+    config.config_map = flags.config_map.unwrap_or(config.config_map);
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let documents = inject::parse_documents(&text)?;
+    let injected = inject::inject(documents, &config)?;
+    for warning in &injected.warnings {
+        eprintln!("isthmus-ctl inject: warning: {warning}");
+    }
+    let yaml = inject::to_yaml(&injected.documents)?;
+    match output {
+        Some(path) => {
+            std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))
+        }
+        None => {
+            print!("{yaml}");
+            Ok(())
         }
     }
 }
