@@ -3,8 +3,9 @@
 # end-to-end scenarios (pods as network namespaces, real capture, real sidecars). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# h2load and grpcio: the HTTP tests' load generator and gRPC peers (tests/peers/).
-bash scripts/setup.sh nghttp2-client python3-grpcio
+# h2load and grpcio: the HTTP tests' load generator and gRPC peers (tests/peers/); binutils:
+# objcopy, which docker/build.sh strips the binaries with for the container test.
+bash scripts/setup.sh nghttp2-client python3-grpcio binutils
 # The e2e tests run the built binaries (isthmus-proxy, isthmus-init, isthmus-ctl).
 cargo build --workspace --bins
 log=$(mktemp)
