@@ -214,7 +214,7 @@ fn engine() -> Result<()> {
 }
 
 /// Builds the images from the binaries under test, once per set of binaries (the tag is a
-/// hash of their sizes and times), and removes the test images of earlier binaries.
+/// hash of their sizes and times), and removes the test images of older binaries.
 fn images() -> Result<String> {
     let bin_dir = isthmus_ctl::local::default_bin_dir()?;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -235,9 +235,22 @@ fn images() -> Result<String> {
         "--filter",
         "reference=isthmus/*:test-*",
     ])?;
+    // Newest first. The images of the last few sets of binaries stay: another checkout's test
+    // run (a CI clone beside a work tree) may be using them right now.
+    let mut kept: Vec<&str> = Vec::new();
     let stale: Vec<&str> = listed
         .lines()
-        .filter(|r| !r.ends_with(&format!(":{tag}")))
+        .filter(|r| {
+            let t = r.rsplit(':').next().unwrap_or_default();
+            if t == tag || kept.contains(&t) {
+                return false;
+            }
+            if kept.len() < 3 {
+                kept.push(t);
+                return false;
+            }
+            true
+        })
         .collect();
     if !stale.is_empty() {
         let _ = docker(&[&["rmi"][..], &stale].concat());
