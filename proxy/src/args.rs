@@ -96,6 +96,10 @@ pub struct Args {
     /// connection in the log (target `access`).
     #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
     pub access_log: bool,
+    /// How long an HTTP client has to send a whole request head once its connection is waited
+    /// on (slowloris bound); past it: 408 and close.
+    #[arg(long, default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
     /// How often names of `resolution: DNS` ServiceEntries are resolved again (they are also
     /// resolved whenever the config changes).
     #[arg(long, default_value_t = 30)]

@@ -137,6 +137,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
                 ("version".to_string(), args.app_version.clone()),
             ],
             access_log: args.access_log.then_some(args.access_log_format),
+            header_timeout: Duration::from_millis(args.http_header_timeout_ms.max(1)),
             ..http::Settings::default()
         },
         own_ports: vec![

@@ -722,3 +722,25 @@ fn dns_egress_routes_by_host_to_resolved_endpoints() {
         10.0,
     );
 }
+
+#[test]
+fn a_slow_request_head_gets_408_and_a_closed_connection() {
+    let mesh = mesh_with_args(app("v2"), "{}", "", &["--http-header-timeout-ms", "300"]);
+    let mut client = Client::connect(mesh.listen);
+    // Half a head, then nothing (slowloris): answered 408 at the deadline, then closed.
+    client.send_raw(b"GET / HTTP/1.1\r\nHost: web\r\nX-Slow: ");
+    let started = Instant::now();
+    let r = client.read_response();
+    assert_eq!(r.status, 408, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        client.reader.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "the connection stayed open"
+    );
+}
