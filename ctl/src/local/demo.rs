@@ -39,6 +39,13 @@ kind: VirtualService
 metadata: {name: hello, namespace: mesh}
 spec:
   hosts: [hello]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route:
+    - {destination: {host: hello, subset: v1}}
+  - route:
+    - {destination: {host: hello, subset: v2}}
+    retries: {attempts: 2, retryOn: "5xx"}
   tcp:
   - route:
     - {destination: {host: hello, subset: v2}}
@@ -49,9 +56,9 @@ kind: VirtualService
 metadata: {name: hello, namespace: mesh}
 spec:
   hosts: [hello]
-  tcp:
+  http:
   - route:
-    - {destination: {host: hello, subset: v3}, weight: 100}
+    - {destination: {host: hello, subset: v3}}
 "#;
 
 /// Runs the demo; with `keep`, leaves the mesh up until Ctrl-C.
@@ -101,13 +108,14 @@ pub fn run(keep: bool) -> Result<(), MeshError> {
     }
     interrupted()?;
 
-    step("Route everything to v2: write a DestinationRule + VirtualService (..data symlink swap)");
+    step("Route to v2, except user jason to v1: a DestinationRule + VirtualService (..data symlink swap)");
     let version = mesh.write_config(vec![SourceFile::new("hello-routes.yaml", ROUTE_TO_V2)])?;
     mesh.wait_for_version(&version, false)?;
     println!("  every sidecar reports config version {version} (no restart)");
-    for _ in 0..4 {
+    for _ in 0..3 {
         curl(client, vip)?;
     }
+    curl_as(client, vip, "jason")?;
     interrupted()?;
 
     let legacy = mesh.pod("legacy");
@@ -127,12 +135,11 @@ pub fn run(keep: bool) -> Result<(), MeshError> {
     curl(client, vip)?;
     interrupted()?;
 
-    step("The client sidecar's Istio metrics (istio_tcp_connections_opened_total)");
+    step("The client sidecar's Istio metrics (istio_requests_total, istio_tcp_connections_opened_total)");
     let metrics = client.metrics()?;
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-    {
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("istio_requests_total") || l.starts_with("istio_tcp_connections_opened_total")
+    }) {
         println!("  {}", summarize(line));
     }
     for line in metrics.lines().filter(|l| {
@@ -162,16 +169,30 @@ fn step(title: &str) {
 
 /// A real curl from inside the pod when curl is installed, else the built-in client.
 fn curl(pod: &Pod, addr: SocketAddr) -> Result<(), MeshError> {
+    curl_with(pod, addr, None)
+}
+
+/// [`curl`] as user `user` (an `end-user` header, as Istio's request-routing task uses).
+fn curl_as(pod: &Pod, addr: SocketAddr, user: &str) -> Result<(), MeshError> {
+    curl_with(pod, addr, Some(user))
+}
+
+fn curl_with(pod: &Pod, addr: SocketAddr, user: Option<&str>) -> Result<(), MeshError> {
     let url = format!("http://{addr}/");
-    let out = pod
-        .netns()
-        .command("curl", None)?
-        .args(["-sS", "--max-time", "5", &url])
-        .output();
-    match out {
+    let header = user.map(|u| format!("end-user: {u}"));
+    let mut command = pod.netns().command("curl", None)?;
+    command.args(["-sS", "--max-time", "5", &url]);
+    if let Some(h) = &header {
+        command.args(["-H", h]);
+    }
+    let shown = match &header {
+        Some(h) => format!("-H '{h}' {url}"),
+        None => url.clone(),
+    };
+    match command.output() {
         Ok(out) if out.status.success() => {
             println!(
-                "  $ curl {url}  →  {}",
+                "  $ curl {shown}  →  {}",
                 String::from_utf8_lossy(&out.stdout).trim()
             );
             Ok(())
@@ -180,6 +201,10 @@ fn curl(pod: &Pod, addr: SocketAddr) -> Result<(), MeshError> {
             "curl {url} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))),
+        Err(_) if user.is_some() => {
+            println!("  (curl is not installed: the request as {shown} is skipped)");
+            Ok(())
+        }
         Err(_) => {
             let (status, body) = pod.http_get(addr, "/")?;
             println!("  GET {url}  →  {status} {}", body.trim());
