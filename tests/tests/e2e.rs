@@ -535,3 +535,48 @@ fn sigterm_drains_then_exits_when_idle() {
         .expect("sidecar did not exit after its last connection closed");
     assert!(status.success(), "{status}");
 }
+
+/// The README's first command: the demo runs on this machine and shows what it says — round
+/// robin, then the HTTP routing change (v2, end-user jason to v1), the passthrough, the
+/// rejected config with the last good one still serving, the metrics — and leaves nothing.
+#[test]
+fn the_readme_demo_runs_as_it_says() {
+    if !prerequisites() {
+        return;
+    }
+    let ctl = isthmus_ctl::local::default_bin_dir()
+        .unwrap()
+        .join("isthmus-ctl");
+    let out = std::process::Command::new(ctl)
+        .args(["local", "demo"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let routed = text
+        .split("▶ Route to v2")
+        .nth(1)
+        .and_then(|rest| rest.split("▶ client → legacy").next())
+        .unwrap_or_default();
+    assert_eq!(routed.matches("hello from hello-v2").count(), 3, "{text}");
+    assert!(
+        routed.contains("end-user: jason' http://10.96.0.10:80/  →  hello from hello-v1"),
+        "{text}"
+    );
+    assert!(text.contains("hello from legacy"), "{text}");
+    let broken = text.split("▶ A broken config").nth(1).unwrap_or_default();
+    assert!(
+        broken.contains("rejected: hello-routes.yaml: VirtualService mesh/hello: spec.http[0]"),
+        "{text}"
+    );
+    assert!(
+        broken.contains("→  hello from hello-v2"),
+        "the last good config did not keep serving:\n{text}"
+    );
+    assert!(text.contains("hello.mesh.svc.cluster.local"), "{text}");
+    assert!(text.trim_end().ends_with("done."), "{text}");
+}
