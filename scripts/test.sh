@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 # h2load and grpcio: the HTTP tests' load generator and gRPC peers (tests/peers/); binutils:
 # objcopy, which docker/build.sh strips the binaries with for the container test.
 bash scripts/setup.sh nghttp2-client python3-grpcio binutils
+# kmock: the Kubernetes API emulator of the controller tests (PyPI only: a venv under target/).
+bash scripts/setup-kmock.sh
 # The e2e tests run the built binaries (isthmus-proxy, isthmus-init, isthmus-ctl).
 cargo build --workspace --bins
 log=$(mktemp)

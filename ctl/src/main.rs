@@ -33,7 +33,8 @@ enum Command {
         #[arg(short = 'f', long = "filename", value_name = "FILE")]
         file: PathBuf,
         /// Inject config, YAML or JSON (hub, tag, proxyImage, initImage, imagePullPolicy,
-        /// nativeSidecar, configMap, tokenAudience, cluster, proxyResources, initResources).
+        /// nativeSidecar, configMap, registryConfigMap, tokenAudience, cluster, proxyResources,
+        /// initResources).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Image prefix: the images are `{hub}/proxy:{tag}` and `{hub}/init:{tag}` (default
@@ -47,12 +48,34 @@ enum Command {
         /// container instead of an init container with `restartPolicy: Always`.
         #[arg(long, value_name = "BOOL", action = ArgAction::Set)]
         native_sidecar: Option<bool>,
-        /// The ConfigMap mounted as the sidecar's config directory.
+        /// The routing ConfigMap, mounted with the registry ConfigMap as the sidecar's config
+        /// directory.
         #[arg(long, value_name = "NAME")]
         config_map: Option<String>,
         /// Write the injected YAML here instead of stdout.
         #[arg(short = 'o', long, value_name = "FILE")]
         output: Option<PathBuf>,
+    },
+    /// The Kubernetes controller: watches Services, EndpointSlices and Pods and writes each
+    /// meshed namespace's registry ConfigMap (server-side apply, only on change). Reads the
+    /// cluster from the in-cluster service account or KUBECONFIG.
+    Controller {
+        /// Watch only these namespaces (repeatable); they are then the meshed ones. Default:
+        /// all, a namespace being meshed when it holds an injected pod or a routing ConfigMap.
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+        /// `/healthz`, `/readyz` and `/metrics` (istiod's monitoring port).
+        #[arg(long, default_value = "[::]:15014")]
+        monitoring: SocketAddr,
+        /// Quiet time after a change before the registry is recomputed.
+        #[arg(long, value_name = "MS", default_value_t = 200)]
+        debounce_ms: u64,
+        /// The routing ConfigMap the injector mounts beside the registry.
+        #[arg(long, value_name = "NAME", default_value = "isthmus-config")]
+        config_map: String,
+        /// The ConfigMap the registry is written to.
+        #[arg(long, value_name = "NAME", default_value = "isthmus-registry")]
+        registry_config_map: String,
     },
     /// The built-in app the local mesh runs in each pod.
     #[command(hide = true)]
@@ -107,6 +130,19 @@ fn main() -> ExitCode {
             },
             output.as_deref(),
         ),
+        Command::Controller {
+            namespaces,
+            monitoring,
+            debounce_ms,
+            config_map,
+            registry_config_map,
+        } => controller(isthmus_ctl::controller::Options {
+            namespaces,
+            monitoring,
+            debounce: std::time::Duration::from_millis(debounce_ms),
+            routing_config_map: config_map,
+            registry_config_map,
+        }),
         Command::App { name, http, echo } => {
             isthmus_ctl::app::serve(&name, http, echo).map_err(anyhow::Error::from)
         }
@@ -119,6 +155,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn controller(options: isthmus_ctl::controller::Options) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default().await.context(
+            "no Kubernetes client config: in a pod, is a service account token mounted? \
+             outside, is KUBECONFIG set?",
+        )?;
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        isthmus_ctl::controller::Controller::new(client, options)
+            .run(shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })
 }
 
 /// Blocks SIGTERM and SIGINT and waits for one. As PID 1 in a container a signal without a

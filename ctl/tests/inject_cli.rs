@@ -126,7 +126,10 @@ fn flags_and_config_file_choose_images_and_mode() {
     assert_eq!(spec["containers"][0]["name"], "isthmus-proxy");
     assert_eq!(spec["containers"][0]["image"], "from-file/proxy:t1");
     assert_eq!(spec["initContainers"][0]["image"], "from-file/init:t1");
-    assert_eq!(spec["volumes"][0]["configMap"]["name"], "mesh-config");
+    assert_eq!(
+        spec["volumes"][0]["projected"]["sources"][0]["configMap"]["name"],
+        "mesh-config"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -40,8 +40,12 @@ pub struct InjectConfig {
     /// The sidecar as a native sidecar (an init container with `restartPolicy: Always`,
     /// Kubernetes ≥ 1.29); `false` makes it the first regular container.
     pub native_sidecar: bool,
-    /// The ConfigMap mounted as the sidecar's config directory.
+    /// The routing ConfigMap: Istio documents, mounted as the sidecar's config directory
+    /// together with `registry_config_map` (one projected volume, one directory).
     pub config_map: String,
+    /// The registry ConfigMap `isthmus-ctl controller` writes (optional in the volume: a pod
+    /// starts before the controller has written its namespace's registry, with no services).
+    pub registry_config_map: String,
     /// Audience of the projected service-account token the sidecar will present to the CA.
     pub token_audience: String,
     /// `ISTHMUS_CLUSTER` (Istio's cluster id); left to the proxy's default (`Kubernetes`) if unset.
@@ -122,6 +126,7 @@ impl Default for InjectConfig {
             image_pull_policy: None,
             native_sidecar: true,
             config_map: "isthmus-config".into(),
+            registry_config_map: "isthmus-registry".into(),
             token_audience: "isthmus-ca".into(),
             cluster: None,
             // isthmus idles at ~5 MB (README, Performance); Istio asks 100m/128Mi for Envoy.
@@ -170,9 +175,12 @@ impl InjectConfig {
                 )));
             }
         }
-        if self.config_map.is_empty() || self.token_audience.is_empty() {
+        if self.config_map.is_empty()
+            || self.registry_config_map.is_empty()
+            || self.token_audience.is_empty()
+        {
             return Err(InjectError::Config(
-                "configMap and tokenAudience must not be empty".into(),
+                "configMap, registryConfigMap and tokenAudience must not be empty".into(),
             ));
         }
         Ok(())

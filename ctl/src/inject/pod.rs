@@ -85,7 +85,13 @@ pub(super) fn inject(
         array_at(spec, "containers", "spec.containers")?.insert(0, proxy);
     }
     let volumes = array_at(spec, "volumes", "spec.volumes")?;
-    volumes.push(json!({"name": CONFIG_VOLUME, "configMap": {"name": config.config_map}}));
+    // Routing and registry as one directory: a projected volume is written by the kubelet as
+    // one generation (one `..data` swap), so the sidecar never sees routing from one update and
+    // the registry from another; the two ConfigMaps are written apart (endpoints churn more).
+    volumes.push(json!({"name": CONFIG_VOLUME, "projected": {"sources": [
+        {"configMap": {"name": config.config_map}},
+        {"configMap": {"name": config.registry_config_map, "optional": true}},
+    ]}}));
     volumes.push(json!({"name": TOKEN_VOLUME, "projected": {"sources": [{
         "serviceAccountToken": {
             "audience": config.token_audience,

@@ -251,7 +251,9 @@ fn the_native_sidecar_exactly() {
     assert_eq!(
         spec["volumes"],
         json!([
-            {"name": "isthmus-config", "configMap": {"name": "isthmus-config"}},
+            {"name": "isthmus-config", "projected": {"sources": [
+                {"configMap": {"name": "isthmus-config"}},
+                {"configMap": {"name": "isthmus-registry", "optional": true}}]}},
             {"name": "isthmus-token", "projected": {"sources": [{"serviceAccountToken": {
                 "audience": "isthmus-ca", "expirationSeconds": 43200, "path": "token"}}]}},
         ])
@@ -527,7 +529,10 @@ fn config_overrides_and_validation() {
     assert_eq!(proxy["imagePullPolicy"], "Never");
     assert_eq!(proxy["resources"], json!({"limits": {"memory": "128Mi"}}));
     assert_eq!(env(proxy, "ISTHMUS_CLUSTER").unwrap()["value"], "east");
-    assert_eq!(doc["spec"]["volumes"][0]["configMap"]["name"], "mesh");
+    assert_eq!(
+        doc["spec"]["volumes"][0]["projected"]["sources"][0]["configMap"]["name"],
+        "mesh"
+    );
     assert!(serde_saphyr::from_str::<InjectConfig>("hubb: x\n").is_err());
     let bad = InjectConfig {
         init_resources: Resources::new(("1", "lots"), ("1", "1")),

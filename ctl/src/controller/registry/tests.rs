@@ -1,0 +1,139 @@
+use serde_json::json;
+
+use super::*;
+
+fn service(value: serde_json::Value) -> Service {
+    serde_json::from_value(value).unwrap()
+}
+
+fn web() -> Service {
+    service(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"], "ports": [
+            {"name": "http-api", "port": 80, "targetPort": "api"},
+            {"port": 5432, "appProtocol": "kubernetes.io/h2c"},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]},
+    }))
+}
+
+fn pod(name: &str, owner: Option<(&str, &str)>, labels: serde_json::Value) -> Pod {
+    let owners: Vec<_> = owner
+        .into_iter()
+        .map(|(kind, name)| {
+            json!({"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": true})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop", "labels": labels, "ownerReferences": owners},
+        "spec": {"serviceAccountName": "web-sa", "containers": []},
+    }))
+    .unwrap()
+}
+
+fn entries(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn workload_names_follow_istio() {
+    let rs = pod(
+        "web-7d9f-x",
+        Some(("ReplicaSet", "web-7d9f")),
+        json!({"pod-template-hash": "7d9f"}),
+    );
+    assert_eq!(workload_name(&rs), "web");
+    let cron = pod(
+        "report-28912345-q",
+        Some(("Job", "report-28912345")),
+        json!({}),
+    );
+    assert_eq!(workload_name(&cron), "report");
+    let job = pod("migrate-2-q", Some(("Job", "migrate-2")), json!({}));
+    assert_eq!(workload_name(&job), "migrate-2");
+    let sts = pod("db-0", Some(("StatefulSet", "db")), json!({}));
+    assert_eq!(workload_name(&sts), "db");
+    assert_eq!(workload_name(&pod("bare", None, json!({}))), "bare");
+}
+
+#[test]
+fn ports_addresses_and_protocols() {
+    let web = web();
+    let text = registry_json(&[&web], &[], &[]);
+    let e = &entries(&text)[0];
+    assert_eq!(e["spec"]["hosts"], json!(["web.shop.svc.cluster.local"]));
+    assert_eq!(e["spec"]["addresses"], json!(["10.96.0.10", "fd00::10"]));
+    assert_eq!(
+        e["spec"]["ports"],
+        json!([
+            {"number": 80, "name": "http-api", "protocol": "HTTP"},
+            {"number": 5432, "name": "port-5432", "protocol": "HTTP2"},
+            {"number": 53, "name": "dns"},
+        ])
+    );
+    assert_eq!(e["spec"]["resolution"], "STATIC");
+    assert_eq!(e["spec"]["endpoints"], json!([]));
+}
+
+#[test]
+fn ready_endpoints_with_pod_labels_and_named_target_ports() {
+    let web = web();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http-api", "port": 8080}],
+        "endpoints": [
+            {"addresses": ["10.1.0.2"], "targetRef": {"kind": "Pod", "name": "web-7d9f-x"}},
+            {"addresses": ["10.1.0.1"], "conditions": {"ready": false}},
+            {"addresses": ["10.1.0.3"], "conditions": {"ready": true}},
+        ],
+    }))
+    .unwrap();
+    let other: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "db-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.9.9"]}],
+    }))
+    .unwrap();
+    let pod = pod(
+        "web-7d9f-x",
+        Some(("ReplicaSet", "web-7d9f")),
+        json!({"app": "web", "pod-template-hash": "7d9f"}),
+    );
+    let text = registry_json(&[&web], &[&other, &slice], &[&pod]);
+    let e = &entries(&text)[0];
+    assert_eq!(
+        e["spec"]["endpoints"],
+        json!([
+            {"address": "10.1.0.2", "ports": {"http-api": 8080}, "serviceAccount": "web-sa",
+             "labels": {"app": "web", "pod-template-hash": "7d9f", "isthmus.io/workload": "web"}},
+            {"address": "10.1.0.3", "ports": {"http-api": 8080}},
+        ]),
+        "ready (or unset) only, sorted, the pod's labels and account where the pod is known"
+    );
+}
+
+#[test]
+fn output_is_sorted_and_skips_external_names() {
+    let a = service(
+        json!({"metadata": {"name": "a", "namespace": "z"}, "spec": {"clusterIP": "None"}}),
+    );
+    let b = service(json!({"metadata": {"name": "b", "namespace": "y"}, "spec": {}}));
+    let ext = service(json!({"metadata": {"name": "ext", "namespace": "y"},
+                             "spec": {"type": "ExternalName", "externalName": "example.com"}}));
+    let one = registry_json(&[&a, &b, &ext], &[], &[]);
+    let two = registry_json(&[&ext, &b, &a], &[], &[]);
+    assert_eq!(one, two, "the same inputs in any order give the same bytes");
+    let names: Vec<_> = entries(&one)
+        .iter()
+        .map(|e| e["spec"]["hosts"][0].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["b.y.svc.cluster.local", "a.z.svc.cluster.local"]);
+    assert_eq!(entries(&one)[1]["spec"]["addresses"], json!([]), "headless");
+    // What the sidecar loads.
+    isthmus_config::load(&[isthmus_config::SourceFile::new("registry.json", one)]).unwrap();
+}
