@@ -142,6 +142,7 @@ fn main() -> ExitCode {
             debounce: std::time::Duration::from_millis(debounce_ms),
             routing_config_map: config_map,
             registry_config_map,
+            ..isthmus_ctl::controller::Options::default()
         }),
         Command::App { name, http, echo } => {
             isthmus_ctl::app::serve(&name, http, echo).map_err(anyhow::Error::from)

@@ -233,6 +233,8 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         Options {
             monitoring: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(50),
+            max_registry_bytes: 4096,
+            resync: Duration::from_secs(3),
             ..Options::default()
         },
     );
@@ -373,6 +375,57 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         registry3.metadata.annotations.as_ref().unwrap()[REGISTRY_HASH_ANNOTATION],
         registry2.metadata.annotations.as_ref().unwrap()[REGISTRY_HASH_ANNOTATION]
     );
+
+    // 5. A registry that does not fit is not written; the namespace keeps its last one.
+    let ports: Vec<Value> = (0..60)
+        .map(|i| json!({"name": format!("tcp-a-rather-long-port-name-{i}"), "port": 10000 + i}))
+        .collect();
+    let big: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "big", "namespace": "data"},
+        "spec": {"clusterIP": "10.96.0.30", "ports": ports},
+    }))
+    .unwrap();
+    let data_services: Api<Service> = Api::namespaced(client.clone(), "data");
+    data_services.create(&pp, &big).await.unwrap();
+    wait_for("too_large", async || {
+        http_get(monitoring, "/metrics")
+            .await
+            .contains("isthmus_controller_configmap_writes_total{result=\"too_large\"} 1")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(status.writes(), 3);
+    assert_eq!(
+        rv(&config_maps.get("isthmus-registry").await.unwrap()),
+        rv(&registry3)
+    );
+    let reconciles = status.reconciles();
+    data_services
+        .delete("big", &Default::default())
+        .await
+        .unwrap();
+    wait_for("a reconcile", async || {
+        (status.reconciles() > reconciles).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status.writes(),
+        3,
+        "back to what is there: nothing to write"
+    );
+
+    // 6. The registry ConfigMap deleted by hand is restored by the periodic resync.
+    config_maps
+        .delete("isthmus-registry", &Default::default())
+        .await
+        .unwrap();
+    let restored = wait_for("the restored registry", async || {
+        config_maps.get_opt("isthmus-registry").await.unwrap()
+    })
+    .await;
+    assert_eq!(restored.data, registry3.data);
+    assert_eq!(status.writes(), 4);
 
     let _ = stop.send(());
     task.await.unwrap().unwrap();

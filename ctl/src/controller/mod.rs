@@ -68,6 +68,12 @@ pub struct Options {
     pub routing_config_map: String,
     /// The ConfigMap this controller writes.
     pub registry_config_map: String,
+    /// A registry larger than this is not written (the API server refuses ConfigMaps over
+    /// 1 MiB): the namespace keeps its last registry and the error is logged and counted.
+    pub max_registry_bytes: usize,
+    /// How often every namespace's registry ConfigMap is read back and restored if it was
+    /// edited or deleted by hand (it is not watched).
+    pub resync: Duration,
 }
 
 impl Default for Options {
@@ -78,6 +84,9 @@ impl Default for Options {
             debounce: Duration::from_millis(200),
             routing_config_map: "isthmus-config".into(),
             registry_config_map: "isthmus-registry".into(),
+            // The 1 MiB limit less room for the metadata and annotations.
+            max_registry_bytes: 1024 * 1024 - 4096,
+            resync: Duration::from_secs(300),
         }
     }
 }
@@ -179,7 +188,7 @@ impl Metrics {
         );
         r.register(
             "configmap_writes",
-            "Server-side applies of a ConfigMap, by result",
+            "Server-side applies of a ConfigMap, by result (ok, error, too_large: not written)",
             self.writes.clone(),
         );
         r.register(
@@ -282,6 +291,9 @@ impl Controller {
         }
         tracing::info!("watchers synced: computing the registry");
         let mut written: HashMap<String, Written> = HashMap::new();
+        let mut resync = tokio::time::interval(self.options.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
         loop {
             let retry = !self.reconcile(&stores, &mut written).await;
             if retry {
@@ -297,6 +309,11 @@ impl Controller {
             };
             tokio::select! {
                 () = async { tokio::time::sleep(pause).await; notify.notified().await } => {}
+                _ = resync.tick() => {
+                    // Forget what was written: the next reconcile reads every ConfigMap back
+                    // (a GET each) and writes only where one differs.
+                    written.clear();
+                }
                 () = &mut shutdown => return Ok(()),
             }
             // Debounce: changes that arrive meanwhile are part of this reconcile (their
@@ -403,6 +420,20 @@ impl Controller {
                 version: isthmus_config::source::version_of(&files),
             };
             if written.get(ns) == Some(&desired) {
+                continue;
+            }
+            if registry_file.text.len() > self.options.max_registry_bytes {
+                // Not retried until the registry changes: remembered as if written.
+                metrics
+                    .writes
+                    .get_or_create(&ResultLabel {
+                        result: "too_large",
+                    })
+                    .inc();
+                tracing::error!(namespace = %ns, bytes = registry_file.text.len(), limit = self.options.max_registry_bytes,
+                    "the registry does not fit in one ConfigMap: not written, the namespace keeps its last registry \
+                     (watch fewer namespaces with --namespace; splitting and Sidecar scoping come later)");
+                written.insert(ns.clone(), desired);
                 continue;
             }
             match self.apply(ns, &registry_file, &desired).await {
