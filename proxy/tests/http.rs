@@ -508,6 +508,45 @@ fn load_balancer_policies_distribute_and_consistent_hash_sticks() {
 }
 
 #[test]
+fn a_missing_hash_cookie_is_made_up_and_then_sticks() {
+    let mesh = mesh_with(
+        app("v2"),
+        "{loadBalancer: {consistentHash: {httpCookie: {name: session, ttl: 60s}}}}",
+        "",
+    );
+    let mut owners = std::collections::BTreeSet::new();
+    // 20 clients: all on one endpoint by chance is 2 in a million.
+    for _ in 0..20 {
+        let mut client = Client::connect(mesh.listen);
+        let first = client.get("/", &[]);
+        let cookie = first
+            .header("set-cookie")
+            .unwrap_or_else(|| panic!("no cookie made up: {first:?}"))
+            .to_string();
+        assert!(
+            cookie.starts_with("session=\"") && cookie.contains("Max-Age=60"),
+            "{cookie}"
+        );
+        let value = cookie.split(';').next().unwrap().to_string();
+        for _ in 0..4 {
+            let r = client.get("/", &[("Cookie", &value)]);
+            assert_eq!(r.served_by(), first.served_by(), "{value} moved");
+            assert_eq!(
+                r.header("set-cookie"),
+                None,
+                "a cookie the client sent was replaced"
+            );
+        }
+        owners.insert(first.served_by().to_string());
+    }
+    assert_eq!(
+        owners.len(),
+        2,
+        "every made-up cookie hashed to one endpoint: {owners:?}"
+    );
+}
+
+#[test]
 fn circuit_breaker_overflow_answers_503_uo_at_once() {
     // maxConnections 1 + http1MaxPendingRequests 1: two requests in flight, no more.
     let mesh = mesh_with(

@@ -43,6 +43,9 @@ pub(crate) struct Forward<'s> {
     /// The request's consistent-hash key, when the cluster's balancer hashes and the request
     /// carries the key.
     pub(crate) hash: Option<u64>,
+    /// A hash cookie the request lacked, made up here: sent back as `set-cookie` so that the
+    /// client's next requests stick to the same endpoint (Envoy does the same with `ttl`).
+    pub(crate) set_cookie: Option<String>,
 }
 
 impl Forward<'_> {
@@ -77,6 +80,9 @@ impl Forward<'_> {
         }
         if let Some(d) = self.destination {
             filters::apply_header_ops(&d.response_headers, headers);
+        }
+        if let Some(cookie) = &self.set_cookie {
+            headers.push(super::local::header("set-cookie", cookie.as_bytes()));
         }
     }
 
@@ -149,6 +155,7 @@ pub(crate) fn decide<'s>(
             matched: None,
             destination: None,
             hash: None,
+            set_cookie: None,
         });
     }
     let port = info.dst.port();
@@ -164,6 +171,7 @@ pub(crate) fn decide<'s>(
                 matched: None,
                 destination: None,
                 hash: None,
+                set_cookie: None,
             }),
             OutboundPolicy::RegistryOnly => {
                 Decision::Local(Local::new(502, Vec::new(), ResponseFlag::NoRoute))
@@ -196,6 +204,7 @@ pub(crate) fn decide<'s>(
         return Decision::Local(Local::failure(ResponseFlag::NoHealthyUpstream));
     };
     let destination = &destinations[index];
+    let (hash, set_cookie) = request_hash(&destination.cluster, view, info.peer);
     Decision::Forward(Forward {
         target: Target::Service {
             service: service.clone(),
@@ -205,27 +214,58 @@ pub(crate) fn decide<'s>(
         route: Some(route),
         matched,
         destination: Some(destination),
-        hash: request_hash(&destination.cluster, view, info.peer),
+        hash,
+        set_cookie,
     })
 }
 
 /// The consistent-hash key of a request for `cluster`'s balancer (DestinationRule
-/// `consistentHash`), hashed; `None` when the balancer does not hash or the key is absent.
-fn request_hash(cluster: &Cluster, view: &RequestView<'_>, peer: SocketAddr) -> Option<u64> {
+/// `consistentHash`), hashed; `None` when the balancer does not hash or the key is absent —
+/// except a missing cookie with a `ttl`, which is made up here and returned as the
+/// `set-cookie` value to send back.
+fn request_hash(
+    cluster: &Cluster,
+    view: &RequestView<'_>,
+    peer: SocketAddr,
+) -> (Option<u64>, Option<String>) {
     let LoadBalancer::ConsistentHash(policy) = &cluster.policy.load_balancer else {
-        return None;
+        return (None, None);
     };
     let key = match &policy.key {
-        HashKey::Header(name) => view.header(name)?.to_string(),
-        HashKey::Cookie { name, .. } => view
-            .header("cookie")?
-            .split(';')
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| k == name)?
-            .1
-            .to_string(),
-        HashKey::SourceIp => peer.ip().to_string(),
-        HashKey::QueryParameter(name) => view.query_param(name)?.to_string(),
+        HashKey::Header(name) => view.header(name).map(str::to_string),
+        HashKey::Cookie {
+            name,
+            path,
+            ttl,
+            attributes,
+        } => {
+            let sent = view.header("cookie").and_then(|cookies| {
+                cookies
+                    .split(';')
+                    .filter_map(|c| c.trim().split_once('='))
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.trim_matches('"').to_string())
+            });
+            match (sent, ttl) {
+                (Some(value), _) => Some(value),
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", (retry::random_unit() * u64::MAX as f64) as u64);
+                    let mut cookie = format!("{name}=\"{value}\"; Max-Age={}", ttl.as_secs());
+                    cookie.push_str(&format!("; Path={}", path.as_deref().unwrap_or("/")));
+                    for (k, v) in attributes {
+                        match v {
+                            Some(v) => cookie.push_str(&format!("; {k}={v}")),
+                            None => cookie.push_str(&format!("; {k}")),
+                        }
+                    }
+                    cookie.push_str("; HttpOnly");
+                    return (Some(balance::key_hash(value.as_bytes())), Some(cookie));
+                }
+                (None, None) => None,
+            }
+        }
+        HashKey::SourceIp => Some(peer.ip().to_string()),
+        HashKey::QueryParameter(name) => view.query_param(name).map(str::to_string),
     };
-    Some(balance::key_hash(key.as_bytes()))
+    (key.map(|k| balance::key_hash(k.as_bytes())), None)
 }
