@@ -628,7 +628,7 @@ def h2_table(S, results, plan):
         L.append(f"| {name} | " + " | ".join(mmm([s.get(k) for s in vs]) for k, _ in PCTS)
                  + f" | {f(S.h2_added(name, 'p99'), '{:+.3f}')} | "
                  f"{'—' if base else f(cpr and cpr * 1e6, '{:.1f}')} | "
-                 f"{f(ratio(cpr, S.h2_cpu_per_req('haproxy-h2')), '{:.2f}×')} | "
+                 f"{'—' if base else f(ratio(cpr, S.h2_cpu_per_req('haproxy-h2')), '{:.2f}×')} | "
                  f"{mmm([s['rps'] for s in valid(max_ss)], '{:.0f}')} | "
                  f"{'—' if base else f(busy, '{:.0%}')} | {'—' if base else f(rpc, '{:.0f}')} | "
                  f"{f(ratio(rpc, S.h2_rps_per_core('haproxy-h2')), '{:.2f}×')} | "
