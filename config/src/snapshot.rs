@@ -52,6 +52,9 @@ pub struct Snapshot {
     /// Endpoint address → (service, endpoint), for naming the workload a connection comes
     /// from (inbound telemetry's `source_*` labels).
     by_endpoint_ip: HashMap<IpAddr, (usize, Endpoint)>,
+    /// Endpoint address and port (a pod's target port) → how its service port is served, so
+    /// that an inbound connection to a port declared opaque is not sniffed.
+    inbound_l7: HashMap<SocketAddr, L7>,
     outbound_policy: OutboundPolicy,
 }
 
@@ -88,17 +91,21 @@ impl Snapshot {
             }
         }
         let mut by_endpoint_ip = HashMap::new();
+        let mut inbound_l7 = HashMap::new();
         for (s, service) in services.iter().enumerate() {
-            let clusters = service.ports.iter().flat_map(|p| {
-                p.routes
+            for port in &service.ports {
+                let own = port
+                    .routes
                     .iter()
                     .flat_map(|r| r.destinations.iter().map(|d| &d.cluster))
-            });
-            for cluster in clusters.filter(|c| c.service_name == service.name) {
-                for e in &cluster.endpoints {
-                    by_endpoint_ip
-                        .entry(e.addr.ip())
-                        .or_insert_with(|| (s, e.clone()));
+                    .filter(|c| c.service_name == service.name && c.port == port.number);
+                for cluster in own {
+                    for e in &cluster.endpoints {
+                        by_endpoint_ip
+                            .entry(e.addr.ip())
+                            .or_insert_with(|| (s, e.clone()));
+                        inbound_l7.entry(e.addr).or_insert(port.l7());
+                    }
                 }
             }
         }
@@ -110,6 +117,7 @@ impl Snapshot {
             by_short_name,
             http_ports,
             by_endpoint_ip,
+            inbound_l7,
             outbound_policy,
         }
     }
@@ -138,6 +146,12 @@ impl Snapshot {
         self.by_endpoint_ip
             .get(&ip)
             .map(|(s, e)| (e, &self.services[*s].namespace))
+    }
+
+    /// How the registry serves the port an inbound connection arrived on (`dst`: the pod's
+    /// address and target port), when some service's endpoint is there.
+    pub fn inbound_l7(&self, dst: SocketAddr) -> Option<L7> {
+        self.inbound_l7.get(&dst).copied()
     }
 
     /// Every name a DNS cluster of this snapshot resolves.

@@ -150,6 +150,9 @@ pub enum Plan {
     Skip(Protocol),
     /// Read up to this long; what cannot be classified by then is opaque TCP.
     Sniff(Duration),
+    /// The port is declared HTTP: read the request for up to this long; anything else is
+    /// refused (400), never relayed around HTTP routing and policy.
+    Expect(Duration),
 }
 
 /// Decides from the snapshot whether a connection to `dst` needs its first bytes read.
@@ -165,12 +168,18 @@ pub fn plan(
         return Plan::Skip(Protocol::Opaque);
     }
     if direction == Direction::Inbound {
-        return Plan::Sniff(SNIFF_TIMEOUT);
+        // A port the registry declares opaque is not read; HTTP-declared ones wait for the
+        // request like outbound; unknown ones are sniffed.
+        return match snapshot.inbound_l7(dst) {
+            Some(L7::Opaque) => Plan::Skip(Protocol::Opaque),
+            Some(L7::Http1 | L7::Http2) => Plan::Expect(declared_wait),
+            Some(L7::Detect) | None => Plan::Sniff(SNIFF_TIMEOUT),
+        };
     }
     match snapshot.service_port(dst) {
         Some((_, port)) => match port.l7() {
             L7::Opaque => Plan::Skip(Protocol::Opaque),
-            L7::Http1 | L7::Http2 => Plan::Sniff(declared_wait),
+            L7::Http1 | L7::Http2 => Plan::Expect(declared_wait),
             L7::Detect => Plan::Sniff(SNIFF_TIMEOUT),
         },
         None if snapshot.has_http_hosts_on(dst.port()) => Plan::Sniff(SNIFF_TIMEOUT),
@@ -202,6 +211,34 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_ports_decide_whether_and_how_long_to_read() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: web, namespace: t}\n\
+            spec:\n  hosts: [web]\n  addresses: [10.96.0.2]\n  resolution: STATIC\n\
+            \x20 ports: [{number: 80, name: http, targetPort: 8080}, {number: 81, name: tcp-x, targetPort: 8081}, {number: 82, name: x, targetPort: 8082}]\n\
+            \x20 endpoints: [{address: 10.0.0.5}]\n";
+        let snapshot =
+            isthmus_config::load(&[isthmus_config::SourceFile::new("a.yaml", text)]).unwrap();
+        let wait = Duration::from_secs(10);
+        let plan = |d: Direction, dst: &str| super::plan(&snapshot, d, dst.parse().unwrap(), wait);
+        use Direction::*;
+        assert_eq!(plan(Outbound, "10.96.0.2:80"), Plan::Expect(wait));
+        assert_eq!(plan(Outbound, "10.96.0.2:81"), Plan::Skip(Protocol::Opaque));
+        assert_eq!(plan(Outbound, "10.96.0.2:82"), Plan::Sniff(SNIFF_TIMEOUT));
+        // Inbound, by the pod's target port.
+        assert_eq!(plan(Inbound, "10.0.0.5:8080"), Plan::Expect(wait));
+        assert_eq!(plan(Inbound, "10.0.0.5:8081"), Plan::Skip(Protocol::Opaque));
+        assert_eq!(plan(Inbound, "10.0.0.5:8082"), Plan::Sniff(SNIFF_TIMEOUT));
+        assert_eq!(plan(Inbound, "10.0.0.5:9999"), Plan::Sniff(SNIFF_TIMEOUT));
+        assert_eq!(plan(Inbound, "10.0.0.5:3306"), Plan::Skip(Protocol::Opaque));
+        // Unregistered destinations: read only where some service serves HTTP on the port.
+        assert_eq!(plan(Outbound, "192.0.2.1:80"), Plan::Sniff(SNIFF_TIMEOUT));
+        assert_eq!(
+            plan(Outbound, "192.0.2.1:443"),
+            Plan::Skip(Protocol::Opaque)
+        );
+    }
 
     #[test]
     fn classifies_first_bytes() {

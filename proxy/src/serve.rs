@@ -86,10 +86,10 @@ pub async fn connection<R: Runtime>(
         }
         return tracing::debug!("{e}");
     }
-    let classified = match detect::plan(&ctx.store.load(), direction, dst, ctx.http.header_timeout)
-    {
+    let detection = detect::plan(&ctx.store.load(), direction, dst, ctx.http.header_timeout);
+    let classified = match detection {
         detect::Plan::Skip(protocol) => detect::Classified::skipped(protocol),
-        detect::Plan::Sniff(wait) => {
+        detect::Plan::Sniff(wait) | detect::Plan::Expect(wait) => {
             match detect::sniff::<R>(&downstream, Instant::now() + wait, detect::SNIFF_LIMIT).await
             {
                 Ok(classified) => {
@@ -107,6 +107,21 @@ pub async fn connection<R: Runtime>(
             }
         }
     };
+    // A port declared HTTP that got something else: refused, not relayed around HTTP routing
+    // and policy (Envoy answers 400 too).
+    if matches!(detection, detect::Plan::Expect(_)) && classified.protocol == Protocol::Opaque {
+        ctx.metrics.refused(direction.as_str(), "not_http");
+        if classified.outcome == detect::Outcome::Sniffed {
+            let (result, _) = downstream
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_vec(),
+                )
+                .await;
+            let _ = result;
+        }
+        return tracing::debug!(%dst, "not HTTP on a port declared HTTP: refused");
+    }
     if matches!(classified.protocol, Protocol::Http1 | Protocol::Http2) {
         let stream = match downstream.into_tokio() {
             Ok(stream) => stream,

@@ -783,3 +783,41 @@ fn a_slow_request_head_gets_408_and_a_closed_connection() {
         "the connection stayed open"
     );
 }
+
+#[test]
+fn not_http_on_an_http_port_is_refused_and_refusals_are_counted() {
+    let mesh = mesh("");
+    // Bytes that are not HTTP on a port declared HTTP: 400, closed, never relayed.
+    let mut client = Client::connect(mesh.listen);
+    client.send_raw(b"GARBAGE\r\n\r\n");
+    let r = client.read_response();
+    assert_eq!((r.status, r.served_by()), (400, "-"), "{r:?}");
+    let mut rest = Vec::new();
+    assert_eq!(client.reader.read_to_end(&mut rest).unwrap_or(0), 0);
+    wait_metric(
+        &mesh.proxy,
+        "isthmus_proxy_connections_refused_total",
+        &[("reason", "not_http")],
+        1.0,
+    );
+    // A request the proxy refuses itself is counted (400 DPE).
+    let mut client = Client::connect(mesh.listen);
+    client.send_raw(b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert_eq!(client.read_response().status, 400);
+    wait_metric(
+        &mesh.proxy,
+        "istio_requests_total",
+        &[("response_code", "400"), ("response_flags", "DPE")],
+        1.0,
+    );
+    // HTTP/1.0 without Host goes upstream as HTTP/1.1 with the address asked for as Host.
+    let mut client = Client::connect(mesh.listen);
+    client.send_raw(b"GET /headers HTTP/1.0\r\n\r\n");
+    let r = client.read_response();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.text().to_ascii_lowercase().contains("host: 10.96.0.2:80"),
+        "{}",
+        r.text()
+    );
+}

@@ -89,6 +89,20 @@ async fn serve_requests(
                 let mut out = Vec::new();
                 local.encode(Version::Http11, false, true, &mut out);
                 let _ = down.write_all(&out).await;
+                // Counted like any request (Envoy counts its own 400s too): no route was
+                // chosen, so the destination is unknown.
+                let mut record = Record::new(started);
+                record.status = local.status;
+                record.flag = match local.status {
+                    408 => ResponseFlag::None,
+                    _ => ResponseFlag::DownstreamProtocolError,
+                };
+                record.response_bytes = local.body.len() as u64;
+                let target = match info.direction {
+                    Direction::Inbound => Target::Inbound,
+                    Direction::Outbound => Target::Unregistered("unknown"),
+                };
+                handles.record(ctx, &target, None, None, &record, info);
                 down.linger_close().await;
                 return;
             }
@@ -289,6 +303,12 @@ async fn exchange(
         );
     }
     forward.request_header_ops(&mut head.headers);
+    // HTTP/1.0 may come without Host; it goes upstream as HTTP/1.1, which requires one: the
+    // address the client asked for.
+    if !head.headers.iter().any(|h| h.is("host")) {
+        head.headers
+            .push(header("host", info.dst.to_string().as_bytes()));
+    }
     if !head.headers.iter().any(|h| h.is("x-forwarded-proto")) {
         head.headers.push(header("x-forwarded-proto", b"http"));
     }
