@@ -821,3 +821,50 @@ fn not_http_on_an_http_port_is_refused_and_refusals_are_counted() {
         r.text()
     );
 }
+
+/// An upstream that accepts `CONNECT` with 200 and then echoes bytes: what an HTTP proxy or a
+/// tunnel endpoint behind the sidecar does.
+fn connect_endpoint() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut stream = reader.into_inner();
+                stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = stream.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                    stream.write_all(&buf[..n])?;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn connect_is_tunnelled_as_bytes_after_the_upstream_accepts_it() {
+    let mesh = mesh_with(
+        connect_endpoint(),
+        "{}",
+        &virtual_service("  - route: [{destination: {host: web, subset: v2}}]\n"),
+    );
+    let mut client = Client::connect(mesh.listen);
+    client.send_raw(b"CONNECT backend.example:443 HTTP/1.1\r\nHost: backend.example:443\r\n\r\n");
+    let r = client.read_response();
+    assert_eq!(r.status, 200, "{r:?}");
+    // From here on the connection is a byte stream both ways.
+    client.send_raw(b"\x16\x03\x01 not http at all \x00\xff");
+    let mut echoed = [0u8; 22];
+    client.reader.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"\x16\x03\x01 not http at all \x00\xff");
+}
