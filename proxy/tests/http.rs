@@ -12,19 +12,34 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// The test app (isthmus-ctl's built-in httpbin-like server) on a loopback port.
+/// The test app (isthmus-ctl's built-in httpbin-like server) on a loopback port. A port from
+/// `free_port` can be taken by a concurrent test first: then the app's bind fails and it is
+/// started again on another.
 fn app(name: &'static str) -> SocketAddr {
-    let (http, echo) = (free_port(), free_port());
-    let http: SocketAddr = ([127, 0, 0, 1], http).into();
-    std::thread::spawn(move || {
-        let _ = isthmus_ctl::app::serve(name, http, ([127, 0, 0, 1], echo).into());
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(http).is_err() {
-        assert!(Instant::now() < deadline, "the app did not listen");
-        std::thread::sleep(Duration::from_millis(5));
+    for _ in 0..5 {
+        let (http, echo) = (free_port(), free_port());
+        let http: SocketAddr = ([127, 0, 0, 1], http).into();
+        let (done, failed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let result = isthmus_ctl::app::serve(name, http, ([127, 0, 0, 1], echo).into());
+            let _ = done.send(result);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if failed.try_recv().is_ok() {
+                break;
+            }
+            // Ours when it answers with our name (not another test's server on the port).
+            if TcpStream::connect(http).is_ok()
+                && get(http, "/", &[]).text() == format!("hello from {name}\n")
+            {
+                return http;
+            }
+            assert!(Instant::now() < deadline, "the app did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
-    http
+    panic!("the app could not bind a port in 5 attempts")
 }
 
 /// `web` at 10.96.0.2:80 (HTTP) with endpoints v1 and v2, subsets for both, `policy` as the

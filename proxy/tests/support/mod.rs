@@ -117,32 +117,58 @@ pub fn start(options: Options<'_>) -> Proxy {
     }
     let log = std::env::temp_dir().join(format!("isthmus-proc-{tag}.log"));
     let out = std::env::temp_dir().join(format!("isthmus-proc-{tag}.out"));
-    let (admin, listen) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .args([
-            "--no-capture",
-            "--io-backend",
-            options.backend,
-            "--config-debounce-ms",
-            "10",
-        ])
-        .arg("--config-dir")
-        .arg(&dir)
-        .args(["--explicit", &format!("127.0.0.1:{listen}=10.96.0.1:3306")])
-        .args(["--admin-port", &admin.to_string()])
-        .args([
-            "--stats-port",
-            &free_port().to_string(),
-            "--readiness-port",
-            &free_port().to_string(),
-        ])
-        .args(["--connect-timeout-ms", "500"])
-        .args(&options.args)
-        .envs(options.env.iter().copied())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // A port from `free_port` may be taken by a concurrent test before the proxy binds it:
+    // a start that fails on "Address already in use" is retried with fresh ports.
+    let mut attempt = 0;
+    let (child, admin, listen) = loop {
+        let (admin, listen) = (free_port(), free_port());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
+            .args([
+                "--no-capture",
+                "--io-backend",
+                options.backend,
+                "--config-debounce-ms",
+                "10",
+            ])
+            .arg("--config-dir")
+            .arg(&dir)
+            .args(["--explicit", &format!("127.0.0.1:{listen}=10.96.0.1:3306")])
+            .args(["--admin-port", &admin.to_string()])
+            .args([
+                "--stats-port",
+                &free_port().to_string(),
+                "--readiness-port",
+                &free_port().to_string(),
+            ])
+            .args(["--connect-timeout-ms", "500"])
+            .args(&options.args)
+            .envs(options.env.iter().copied())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // The admin endpoint is bound last: once it accepts, every port is ours.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let bound = loop {
+            if TcpStream::connect(("127.0.0.1", admin)).is_ok() {
+                break true;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break false;
+            }
+            if Instant::now() > deadline {
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let lost_race = !bound
+            && std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Address already in use"));
+        if lost_race && attempt < 5 {
+            attempt += 1;
+            continue;
+        }
+        break (child, admin, listen);
+    };
     let proxy = Proxy {
         child,
         admin: ([127, 0, 0, 1], admin).into(),
