@@ -111,7 +111,6 @@ fn eject(cluster: &Cluster, endpoint: usize, policy: &OutlierDetection) {
         .min(MAX_EJECTION.max(policy.base_ejection_time));
     e.ejected_until_ms
         .store(now + duration.as_millis() as u64, Ordering::Relaxed);
-    load.ejected.store(ejected as u32 + 1, Ordering::Relaxed);
     if let Some(counter) = EJECTIONS.get() {
         counter.inc();
     }

@@ -19,8 +19,6 @@ pub struct ClusterLoad {
     pub connections: AtomicU32,
     /// Retries in flight (`connectionPool.http.maxRetries`).
     pub active_retries: AtomicU32,
-    /// Endpoints ejected now (outlier detection's `maxEjectionPercent`).
-    pub ejected: AtomicU32,
     pub endpoints: Box<[EndpointLoad]>,
     /// A consistent-hash ring or Maglev table, built on first use: `(hash, endpoint)` sorted
     /// by hash for a ring, or endpoint per slot for Maglev.
