@@ -1,5 +1,7 @@
 //! The admin (127.0.0.1:15000), readiness (:15021) and Prometheus (:15020) endpoints: a small
-//! HTTP/1 server on the control thread, never on the data path's cores.
+//! HTTP/1 server on the control thread, never on the data path's cores. The Prometheus port also
+//! answers the kubelet's rewritten app probes (`/app-health/...`, [`crate::app_probe`]), as
+//! Istio's agent does on the same port.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::app_probe::{self, AppProbers};
 use crate::listen::LogLimiter;
 use crate::metrics::Metrics;
 use crate::state::ConfigStore;
@@ -32,6 +35,8 @@ pub struct AdminState {
     pub set_log_level: SetLogLevel,
     pub info: serde_json::Value,
     pub limits: AdminLimits,
+    /// The app's own probes, run on the kubelet's behalf.
+    pub probers: AppProbers,
 }
 
 /// Bounds on the admin endpoints, which must answer probes whatever clients do.
@@ -155,6 +160,9 @@ async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::i
             Ok(httparse::Status::Complete(_)) => {
                 let method = req.method.unwrap_or("GET").to_string();
                 let target = req.path.unwrap_or("/").to_string();
+                if role == Role::Prometheus && target.starts_with(app_probe::PATH_PREFIX) {
+                    break app_health(&method, &target, state).await;
+                }
                 break route(role, &method, &target, state);
             }
             Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => continue,
@@ -162,14 +170,11 @@ async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::i
             Err(e) => break Response::text(400, format!("bad request: {e}\n")),
         }
     };
-    let reason = match response.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
+    // Any status can come back from an app probe.
+    let reason = ::http::StatusCode::from_u16(response.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown");
     let out = format!(
         "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
         response.status,
@@ -191,6 +196,24 @@ async fn handle(mut stream: TcpStream, role: Role, state: &AdminState) -> std::i
         }
     }
     Ok(())
+}
+
+/// A rewritten app probe: the original runs against the app, its verdict is the answer.
+async fn app_health(method: &str, target: &str, state: &AdminState) -> Response {
+    if method != "GET" && method != "HEAD" {
+        return Response::text(405, "use GET\n");
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let answer = state.probers.answer(path).await;
+    if answer.status >= 300 {
+        tracing::debug!(
+            path,
+            status = answer.status,
+            "app probe: {}",
+            answer.body.trim_end()
+        );
+    }
+    Response::text(answer.status, answer.body)
 }
 
 fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response {
@@ -278,6 +301,7 @@ mod tests {
             }),
             info: json!({}),
             limits,
+            probers: AppProbers::default(),
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();

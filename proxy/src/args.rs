@@ -1,7 +1,7 @@
 //! Command-line flags. Names follow Istio's where users know them; pod identity comes from
 //! the downward-API environment the injector sets.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -127,6 +127,25 @@ pub struct Args {
     pub app_version: String,
     #[arg(long, env = "ISTHMUS_CLUSTER", default_value = "Kubernetes")]
     pub cluster: String,
+    /// The app's original probes, JSON keyed by `/app-health/<container>/livez|readyz|startupz`
+    /// (the injector sets it when it rewrites the app's probes to this sidecar's port 15020).
+    #[arg(long, env = crate::app_probe::ENV, hide_env_values = true)]
+    pub app_probers: Option<String>,
+    /// The pod's IP (downward API): where app probes go, as the kubelet's would. 127.0.0.1 if
+    /// unset.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands other than running the proxy.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Wait until the proxy in this pod is ready, then exit 0; non-zero at the deadline. The
+    /// classic sidecar's postStart hook: the kubelet starts the app containers only after it
+    /// returns (Istio's `pilot-agent wait`).
+    Wait(crate::wait::WaitArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

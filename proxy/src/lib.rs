@@ -6,10 +6,12 @@
 //! (endpoint) → [`connect`] (dial within a deadline; TLS later) → [`relay`] (bytes both ways,
 //! bounded) → outcome recorded once ([`telemetry`], [`metrics`]); [`serve`] strings them
 //! together. Around them: [`state`] (snapshot store), [`watch`] (config watcher thread),
-//! [`drain`] (the shutdown signal), [`admin`], [`process`] and [`runtime`] (io_uring or epoll,
-//! thread-per-core).
+//! [`drain`] (the shutdown signal), [`admin`] (with [`app_probe`], the app's probes run for the
+//! kubelet), [`process`] and [`runtime`] (io_uring or epoll, thread-per-core); [`wait`] is the
+//! `isthmus-proxy wait` command.
 
 pub mod admin;
+pub mod app_probe;
 pub mod balance;
 pub mod breaker;
 pub mod connect;
@@ -28,6 +30,7 @@ pub mod runtime;
 pub mod serve;
 pub mod state;
 pub mod telemetry;
+pub mod wait;
 pub mod watch;
 
 #[cfg(test)]
@@ -36,5 +39,5 @@ mod test_support;
 mod args;
 mod run;
 
-pub use args::{Args, LogFormat};
+pub use args::{Args, Command, LogFormat};
 pub use run::{run, RunError};

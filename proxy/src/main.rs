@@ -1,11 +1,23 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use isthmus_proxy::{run, Args};
+use isthmus_proxy::{run, Args, Command};
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Wait(wait)) = &args.command {
+        match isthmus_proxy::wait::wait(wait) {
+            Ok(took) => {
+                println!("isthmus-proxy is ready (waited {} ms)", took.as_millis());
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("isthmus-proxy wait: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let filter =
         EnvFilter::try_new(&args.log).map_err(|e| anyhow::anyhow!("--log `{}`: {e}", args.log))?;
     let (filter, handle) = reload::Layer::new(filter);

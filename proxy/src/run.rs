@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::admin::{self, AdminLimits, AdminState, Role, SetLogLevel};
+use crate::app_probe::{AppProbers, ProbersError};
 use crate::args::Args;
 use crate::connect::ConnectPolicy;
 use crate::drain::{self, Drain, Phase};
@@ -41,6 +42,8 @@ pub enum RunError {
     Watcher(std::io::Error),
     #[error("cannot start the DNS resolver thread: {0}")]
     Dns(std::io::Error),
+    #[error(transparent)]
+    AppProbers(#[from] ProbersError),
     #[error("--workers must be at least 1")]
     NoWorkers,
     #[error("worker {index} died ({why}); exiting so that the container is restarted")]
@@ -68,6 +71,14 @@ pub fn connection_budget(fd_limit: u64) -> usize {
 pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
     if args.workers == 0 {
         return Err(RunError::NoWorkers);
+    }
+    let probers = AppProbers::from_flag(args.app_probers.as_deref(), args.pod_ip)?;
+    if !probers.is_empty() {
+        tracing::info!(
+            probes = probers.len(),
+            "app probes: answered on :{}/app-health/",
+            args.stats_port
+        );
     }
     process::abort_on_panic();
     let fd_limit = process::raise_fd_limit();
@@ -193,6 +204,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
                 request_timeout: Duration::from_millis(args.admin_request_timeout_ms),
                 max_connections: args.admin_max_connections.max(1),
             },
+            probers,
         });
         let endpoints = [
             (

@@ -12,6 +12,9 @@ pub struct Proxy {
     pub child: Child,
     pub admin: SocketAddr,
     pub listen: SocketAddr,
+    /// The Prometheus port (also the app probes') and the readiness port, on 127.0.0.1.
+    pub stats: SocketAddr,
+    pub readiness: SocketAddr,
     pub dir: PathBuf,
     pub log: PathBuf,
     /// The proxy's stdout (the HTTP access log).
@@ -120,8 +123,9 @@ pub fn start(options: Options<'_>) -> Proxy {
     // A port from `free_port` may be taken by a concurrent test before the proxy binds it:
     // a start that fails on "Address already in use" is retried with fresh ports.
     let mut attempt = 0;
-    let (child, admin, listen) = loop {
+    let (child, admin, listen, stats, readiness) = loop {
         let (admin, listen) = (free_port(), free_port());
+        let (stats, readiness) = (free_port(), free_port());
         let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
             .args([
                 "--no-capture",
@@ -136,9 +140,9 @@ pub fn start(options: Options<'_>) -> Proxy {
             .args(["--admin-port", &admin.to_string()])
             .args([
                 "--stats-port",
-                &free_port().to_string(),
+                &stats.to_string(),
                 "--readiness-port",
-                &free_port().to_string(),
+                &readiness.to_string(),
             ])
             .args(["--connect-timeout-ms", "500"])
             .args(&options.args)
@@ -167,12 +171,14 @@ pub fn start(options: Options<'_>) -> Proxy {
             attempt += 1;
             continue;
         }
-        break (child, admin, listen);
+        break (child, admin, listen, stats, readiness);
     };
     let proxy = Proxy {
         child,
         admin: ([127, 0, 0, 1], admin).into(),
         listen: ([127, 0, 0, 1], listen).into(),
+        stats: ([127, 0, 0, 1], stats).into(),
+        readiness: ([127, 0, 0, 1], readiness).into(),
         dir,
         log,
         out,
