@@ -36,6 +36,8 @@ pub(super) const INJECT: &str = "sidecar.istio.io/inject";
 const ISTIO_STATUS: &str = "sidecar.istio.io/status";
 const PROXY_IMAGE: &str = "sidecar.istio.io/proxyImage";
 const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+/// `"false"` leaves the app's probes as they are (see `probes`).
+const REWRITE_PROBES: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
 /// Resource annotations: (annotation, requests or limits, cpu or memory).
 const RESOURCE_ANNOTATIONS: [(&str, bool, bool); 4] = [
     ("sidecar.istio.io/proxyCPU", false, true),
@@ -51,6 +53,8 @@ pub(super) struct PodOptions {
     pub capture_args: Vec<String>,
     pub proxy_resources: Resources,
     pub proxy_image: Option<String>,
+    /// Rewrite the app's probes to go through the sidecar (default true).
+    pub rewrite_probes: bool,
     pub warnings: Vec<String>,
 }
 
@@ -85,6 +89,7 @@ pub(super) fn read(
         capture_args: Vec::new(),
         proxy_resources: default_resources.clone(),
         proxy_image: None,
+        rewrite_probes: true,
         warnings: Vec::new(),
     };
     for (annotation, flag) in TRAFFIC_ANNOTATIONS {
@@ -125,9 +130,20 @@ pub(super) fn read(
             });
         }
     }
+    if let Some(v) = annotations.get(REWRITE_PROBES) {
+        let text = value_text(v);
+        options.rewrite_probes = super::probes::rewrite_wanted(&text).ok_or_else(|| {
+            bad(
+                REWRITE_PROBES,
+                &text,
+                "expected \"true\" or \"false\"".into(),
+            )
+        })?;
+    }
     for name in annotations.keys() {
         let known = name == INJECT
             || name == PROXY_IMAGE
+            || name == REWRITE_PROBES
             || name == INTERCEPTION_MODE
             || TRAFFIC_ANNOTATIONS.iter().any(|(a, _)| a == name)
             || RESOURCE_ANNOTATIONS.iter().any(|(a, _, _)| a == name);

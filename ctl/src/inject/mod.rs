@@ -12,6 +12,7 @@
 mod annotations;
 pub mod patch;
 mod pod;
+mod probes;
 
 use serde_json::{Map, Value};
 
@@ -20,6 +21,7 @@ pub use pod::{
     Outcome, Workload, CONFIG_MOUNT, CONFIG_VOLUME, INIT_NAME, PROXY_NAME, PROXY_UID,
     STATUS_ANNOTATION, TOKEN_MOUNT, TOKEN_VOLUME,
 };
+pub use probes::{PROBERS_ENV, PROBE_PORT};
 
 /// What is injected, and from which images. Read from `--config FILE` (YAML or JSON, these field
 /// names in camelCase); every field has a default.

@@ -3,6 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::annotations::{self, PodOptions};
+use super::probes;
 use super::{array_at, object_at, shape, InjectConfig, Quantities, Resources, TemplateError};
 
 pub const INIT_NAME: &str = "isthmus-init";
@@ -20,6 +21,14 @@ pub const STATUS_ANNOTATION: &str = "sidecar.isthmus.io/status";
 const READINESS_PORT: u16 = 15021;
 const STATS_PORT: u16 = 15020;
 const STATS_PATH: &str = "/stats/prometheus";
+/// The classic sidecar's postStart hook: `isthmus-proxy wait` with Istio's 60 s bound; past it
+/// the hook fails and the kubelet restarts the sidecar (event FailedPostStartHook).
+const WAIT_COMMAND: [&str; 4] = [
+    "/usr/local/bin/isthmus-proxy",
+    "wait",
+    "--timeout-secs",
+    "60",
+];
 /// Token lifetime; the kubelet renews it at 80 %.
 const TOKEN_SECONDS: u64 = 43_200;
 
@@ -65,8 +74,19 @@ pub(super) fn inject(
     let mut warnings = options.warnings.clone();
 
     let spec = object_at(t, "spec", "spec")?;
+    // The app's own probes first, from the earlier sidecar, before it is removed.
+    let stored = probes::stored(spec);
+    probes::restore(spec, &stored);
     remove_injected(spec)?;
-    let proxy = proxy_container(config, &options, workload, &labels);
+    let app_probers = if options.rewrite_probes {
+        probes::rewrite(spec, &mut warnings)
+    } else {
+        Map::new()
+    };
+    let mut proxy = proxy_container(config, &options, workload, &labels);
+    if !app_probers.is_empty() {
+        add_app_probers(&mut proxy, &app_probers);
+    }
     let init = init_container(config, &options);
     let app_init: Vec<String> = names(spec.get("initContainers"));
     let init_containers = array_at(spec, "initContainers", "spec.initContainers")?;
@@ -184,9 +204,7 @@ fn init_container(config: &InjectConfig, options: &PodOptions) -> Value {
     c
 }
 
-/// The sidecar. App HTTP probes are left as they are: when inbound mTLS can be STRICT (issue
-/// 9), they will be rewritten to go through the sidecar's readiness port, as Istio's agent does;
-/// that rewrite belongs here, next to the probes the sidecar itself gets.
+/// The sidecar. (The app's probes that go through it: [`probes`].)
 fn proxy_container(
     config: &InjectConfig,
     options: &PodOptions,
@@ -252,9 +270,26 @@ fn proxy_container(
     });
     if config.native_sidecar {
         c["restartPolicy"] = json!("Always");
+    } else {
+        // Kubernetes starts a pod's containers in order but waits between them only for a
+        // postStart hook: this one returns once the proxy is ready, so the app (the next
+        // container) never starts before its mesh does.
+        c["lifecycle"] = json!({"postStart": {"exec": {"command": WAIT_COMMAND}}});
     }
     pull_policy(&mut c, config);
     c
+}
+
+/// The originals of the app's rewritten probes, and the pod IP they are sent to (where the
+/// kubelet would have sent them).
+fn add_app_probers(proxy: &mut Value, probers: &Map<String, Value>) {
+    let Some(env) = proxy["env"].as_array_mut() else {
+        return;
+    };
+    env.push(json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}}));
+    env.push(
+        json!({"name": probes::PROBERS_ENV, "value": Value::Object(probers.clone()).to_string()}),
+    );
 }
 
 fn resources(r: &Resources) -> Value {
