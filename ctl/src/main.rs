@@ -76,6 +76,8 @@ enum Command {
         /// The ConfigMap the registry is written to.
         #[arg(long, value_name = "NAME", default_value = "isthmus-registry")]
         registry_config_map: String,
+        #[command(flatten)]
+        replicas: ReplicaFlags,
     },
     /// The built-in app the local mesh runs in each pod.
     #[command(hide = true)]
@@ -136,13 +138,18 @@ fn main() -> ExitCode {
             debounce_ms,
             config_map,
             registry_config_map,
-        } => controller(isthmus_ctl::controller::Options {
-            namespaces,
-            monitoring,
-            debounce: std::time::Duration::from_millis(debounce_ms),
-            routing_config_map: config_map,
-            registry_config_map,
-            ..isthmus_ctl::controller::Options::default()
+            replicas,
+        } => replicas.options().and_then(|(leader_election, webhook)| {
+            controller(isthmus_ctl::controller::Options {
+                namespaces,
+                monitoring,
+                debounce: std::time::Duration::from_millis(debounce_ms),
+                routing_config_map: config_map,
+                registry_config_map,
+                leader_election,
+                webhook,
+                ..isthmus_ctl::controller::Options::default()
+            })
         }),
         Command::App { name, http, echo } => {
             isthmus_ctl::app::serve(&name, http, echo).map_err(anyhow::Error::from)
@@ -155,6 +162,95 @@ fn main() -> ExitCode {
             eprintln!("isthmus-ctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The controller's leader election and injection webhook (docs/OPERATIONS.md, "The
+/// controller"). The controller's own namespace and name come from the downward API.
+#[derive(clap::Args)]
+struct ReplicaFlags {
+    /// Only the holder of Lease `isthmus-controller` in POD_NAMESPACE writes; `false` for a
+    /// single replica.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
+    leader_elect: bool,
+    /// Where the injection webhook is served over HTTPS (path /inject), or `off`.
+    #[arg(long, value_name = "ADDR|off", default_value = "[::]:15017")]
+    webhook: String,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps equal to its CA.
+    #[arg(long, value_name = "NAME", default_value = "isthmus-sidecar-injector")]
+    webhook_config: String,
+    /// The controller's Service, named in the webhook's serving certificate.
+    #[arg(long, value_name = "NAME", default_value = "isthmus-controller")]
+    service: String,
+    /// The Secret in POD_NAMESPACE holding the controller's CA (`ca.crt`, `ca.key`); made if
+    /// absent.
+    #[arg(long, value_name = "NAME", default_value = "isthmus-ca")]
+    ca_secret: String,
+    /// What the webhook injects: the same file as `isthmus-ctl inject --config`.
+    #[arg(long, value_name = "FILE")]
+    inject_config: Option<PathBuf>,
+    /// Image prefix of the injected images (overrides the inject config's).
+    #[arg(long)]
+    hub: Option<String>,
+    /// Image tag of the injected images (overrides the inject config's).
+    #[arg(long)]
+    tag: Option<String>,
+    /// The controller's namespace: its Lease, its CA Secret, its Service.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "isthmus-system",
+        hide = true
+    )]
+    pod_namespace: String,
+    /// This replica's identity in the Lease; the hostname when unset.
+    #[arg(long, env = "POD_NAME", hide = true)]
+    pod_name: Option<String>,
+}
+
+impl ReplicaFlags {
+    fn options(
+        self,
+    ) -> anyhow::Result<(
+        Option<isthmus_ctl::controller::lease::LeaseOptions>,
+        Option<isthmus_ctl::controller::admission::WebhookOptions>,
+    )> {
+        let leader_election = if self.leader_elect {
+            let identity = match self.pod_name {
+                Some(name) => name,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("no POD_NAME and no hostname: the Lease needs an identity")?
+                    .trim()
+                    .to_owned(),
+            };
+            Some(isthmus_ctl::controller::lease::LeaseOptions::new(
+                self.pod_namespace.clone(),
+                "isthmus-controller".into(),
+                identity,
+            ))
+        } else {
+            None
+        };
+        let webhook = if self.webhook == "off" {
+            None
+        } else {
+            let listen = self
+                .webhook
+                .parse()
+                .with_context(|| format!("--webhook {:?}: not an address or off", self.webhook))?;
+            let mut inject = read_inject_config(self.inject_config.as_deref())?;
+            inject.hub = self.hub.unwrap_or(inject.hub);
+            inject.tag = self.tag.unwrap_or(inject.tag);
+            Some(isthmus_ctl::controller::admission::WebhookOptions {
+                listen,
+                namespace: self.pod_namespace,
+                service: self.service,
+                ca_secret: self.ca_secret,
+                webhook_config: Some(self.webhook_config).filter(|n| !n.is_empty()),
+                inject,
+            })
+        };
+        Ok((leader_election, webhook))
     }
 }
 
@@ -263,14 +359,7 @@ fn inject_command(
     flags: InjectFlags,
     output: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let mut config = match config_file {
-        None => InjectConfig::default(),
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-    };
+    let mut config = read_inject_config(config_file)?;
     config.hub = flags.hub.unwrap_or(config.hub);
     config.tag = flags.tag.unwrap_or(config.tag);
     config.native_sidecar = flags.native_sidecar.unwrap_or(config.native_sidecar);
@@ -295,4 +384,14 @@ fn inject_command(
             Ok(())
         }
     }
+}
+
+/// The inject config file (`inject --config`, `controller --inject-config`); defaults without.
+fn read_inject_config(path: Option<&std::path::Path>) -> anyhow::Result<InjectConfig> {
+    let Some(path) = path else {
+        return Ok(InjectConfig::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

@@ -10,6 +10,9 @@ resources the controller reads and writes declared, and two gaps filled so kube-
 - a server-side apply (PATCH with application/apply-patch+yaml) of an object that does not exist
   creates it, as the real API server does; kmock would answer 404. The apply itself is then a
   recursive merge of the sent fields: no managedFields, no field ownership, no conflicts.
+- a PUT (replace) of an existing object honours metadata.resourceVersion as a precondition, as
+  the real API server does: a stale version answers 409 Conflict and changes nothing (leader
+  election and the webhook configuration's caBundle depend on it); kmock has no PUT otherwise.
 
 Prints the port it listens on (127.0.0.1) and serves until its stdin closes.
 """
@@ -17,6 +20,7 @@ import asyncio
 import itertools
 import sys
 
+import aiohttp.web
 import kmock
 
 RESOURCES = {
@@ -25,6 +29,9 @@ RESOURCES = {
     "v1/configmaps": ("ConfigMap", True),
     "v1/namespaces": ("Namespace", False),
     "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", True),
+    "v1/secrets": ("Secret", True),
+    "coordination.k8s.io/v1/leases": ("Lease", True),
+    "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations": ("MutatingWebhookConfiguration", False),
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 versions = itertools.count(1)
@@ -32,6 +39,8 @@ versions = itertools.count(1)
 
 class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request):
+        if request.resource is not None and request.name is not None and request.method == "PUT":
+            return await self._replace(request)
         if (
             request.resource is not None
             and request.action in (kmock.action.CREATE, kmock.action.UPDATE)
@@ -50,6 +59,27 @@ class Emulator(kmock.KubernetesEmulator):
                         raw = self.objects[key].last.raw
                         await self._buses[request.resource].put({"type": "ADDED", "object": raw})
         return await super()._handle(request)
+
+    async def _replace(self, request):
+        """PUT: the object replaced whole, if the sent resourceVersion (when sent) is current."""
+        key = (request.resource, request.namespace, request.name)
+        if not isinstance(request.data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="a PUT needs a JSON object")
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise kmock.KubernetesNotFoundError(reason="NotFound", message=f"{request.name} not found")
+            current = self.objects[key].raw.get("metadata", {}).get("resourceVersion")
+            sent = request.data.get("metadata", {}).get("resourceVersion")
+            if sent and sent != current:
+                raise kmock.KubernetesError(
+                    status=409, reason="Conflict",
+                    message=f"Operation cannot be fulfilled on {request.name}: the object has been modified "
+                            f"(resourceVersion {sent} is not the current {current})")
+            request.data.setdefault("metadata", {})["resourceVersion"] = str(next(versions))
+            self.objects[key].create(request.data)
+            raw = self.objects[key].raw
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
+        return aiohttp.web.json_response(raw)
 
     async def _render_error(self, exc):
         if isinstance(exc, kmock.KubernetesNotFoundError):

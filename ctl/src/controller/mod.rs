@@ -16,8 +16,12 @@
 //! (Istio's default `exportTo: "*"`); `exportTo`, the Istio CRDs, the 1 MiB split, leader
 //! election and garbage collection of ConfigMaps of namespaces that left the mesh come later.
 
+pub mod admission;
+pub mod certs;
+pub mod lease;
 pub mod registry;
 mod serve;
+pub mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -74,6 +78,10 @@ pub struct Options {
     /// How often every namespace's registry ConfigMap is read back and restored if it was
     /// edited or deleted by hand (it is not watched).
     pub resync: Duration,
+    /// Leader election (only the leader writes); `None`: always the leader.
+    pub leader_election: Option<lease::LeaseOptions>,
+    /// The injection webhook; `None`: not served.
+    pub webhook: Option<admission::WebhookOptions>,
 }
 
 impl Default for Options {
@@ -87,6 +95,8 @@ impl Default for Options {
             // The 1 MiB limit less room for the metadata and annotations.
             max_registry_bytes: 1024 * 1024 - 4096,
             resync: Duration::from_secs(300),
+            leader_election: None,
+            webhook: None,
         }
     }
 }
@@ -98,6 +108,8 @@ pub enum ControllerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Webhook(#[from] admission::AdmissionError),
     #[error("a watcher stopped before its first full list (is the API server reachable, and may the controller's service account list {0}?)")]
     WatcherGone(&'static str),
 }
@@ -109,6 +121,7 @@ pub struct Status {
     reconciles: AtomicU64,
     writes: AtomicU64,
     monitoring: std::sync::OnceLock<SocketAddr>,
+    webhook: std::sync::OnceLock<SocketAddr>,
     metrics: Metrics,
 }
 
@@ -125,6 +138,10 @@ impl Status {
     /// The monitoring port's address once bound (port 0 picks a free one).
     pub fn monitoring_addr(&self) -> Option<SocketAddr> {
         self.monitoring.get().copied()
+    }
+    /// The webhook's address once bound.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.get().copied()
     }
     /// ConfigMap writes (server-side applies) done.
     pub fn writes(&self) -> u64 {
@@ -234,6 +251,7 @@ pub struct Controller {
     client: Client,
     options: Options,
     status: Arc<Status>,
+    leadership: lease::Leadership,
 }
 
 impl Controller {
@@ -242,6 +260,7 @@ impl Controller {
             client,
             options,
             status: Arc::default(),
+            leadership: lease::Leadership::always(),
         }
     }
 
@@ -250,9 +269,29 @@ impl Controller {
     }
 
     /// Runs until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
         let mut registry = prometheus_client::registry::Registry::default();
         self.status.metrics.register(&mut registry);
+        let elector = lease::Elector::start(
+            &self.client,
+            self.options.leader_election.clone(),
+            &mut registry,
+        );
+        self.leadership = elector.leadership();
+        let mut leadership = elector.leadership();
+        // Stopping releases the Lease, so another replica takes over at once.
+        let shutdown = elector.release_after(shutdown);
+        let _webhook = match &self.options.webhook {
+            Some(options) => {
+                let metrics = webhook::Metrics::default();
+                metrics.register(&mut registry);
+                let webhook =
+                    admission::start(&self.client, options, leadership.clone(), metrics).await?;
+                let _ = self.status.webhook.set(webhook.addr);
+                Some(webhook)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(self.options.monitoring)
             .await
             .map_err(|source| ControllerError::Bind {
@@ -295,6 +334,16 @@ impl Controller {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
         loop {
+            if !leadership.is_leader() {
+                // A follower keeps its stores warm and writes nothing; it is ready (it serves
+                // the webhook). A new leader forgets what it wrote before: someone else wrote since.
+                self.status.ready.store(true, Ordering::Release);
+                written.clear();
+                tokio::select! {
+                    () = leadership.changed() => continue,
+                    () = &mut shutdown => return Ok(()),
+                }
+            }
             let retry = !self.reconcile(&stores, &mut written).await;
             if retry {
                 // Errors are retried without waiting for a change.
@@ -435,6 +484,11 @@ impl Controller {
                      (watch fewer namespaces with --namespace; splitting and Sidecar scoping come later)");
                 written.insert(ns.clone(), desired);
                 continue;
+            }
+            if !self.leadership.is_leader() {
+                // Lost the Lease mid-reconcile: stop writing at once.
+                ok = false;
+                break;
             }
             match self.apply(ns, &registry_file, &desired).await {
                 Ok(()) => {

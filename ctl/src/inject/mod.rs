@@ -228,6 +228,40 @@ pub fn inject_template(
     pod::inject(template, workload, config)
 }
 
+/// The workload name the sidecar reports, as Istio derives it from a pod: the Deployment of a
+/// ReplicaSet-owned pod (the owner's name less its `pod-template-hash`), another controller's
+/// own name, or the pod's name (downward API) for a bare pod — which is what `isthmus-ctl
+/// inject` and the webhook both give a Pod, so they inject a pod identically.
+pub fn workload_of_pod(pod: &Value) -> Workload {
+    let owner = pod
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .and_then(|refs| {
+            refs.iter()
+                .find(|r| r.get("controller") == Some(&Value::Bool(true)))
+        });
+    let Some(owner) = owner else {
+        return Workload::PodName;
+    };
+    let (Some(kind), Some(name)) = (
+        owner.get("kind").and_then(Value::as_str),
+        owner.get("name").and_then(Value::as_str),
+    ) else {
+        return Workload::PodName;
+    };
+    let hash = pod
+        .pointer("/metadata/labels/pod-template-hash")
+        .and_then(Value::as_str);
+    let name = match (kind, hash) {
+        ("ReplicaSet", Some(hash)) => name
+            .strip_suffix(hash)
+            .and_then(|n| n.strip_suffix('-'))
+            .unwrap_or(name),
+        _ => name,
+    };
+    Workload::Named(name.to_owned())
+}
+
 /// Parses a YAML (or JSON) stream of any number of documents. Empty documents are dropped.
 /// Plain scalars resolve as Kubernetes resolves them (YAML 1.1, through go-yaml): an unquoted
 /// `on` or `yes` is `true`, `0644` is octal — so the output carries the values the API server
@@ -272,7 +306,9 @@ fn inject_document(
     let Some(pointer) = template_pointer(api_version, &kind) else {
         return Ok(());
     };
-    let workload = if kind == "Pod" || name.is_empty() {
+    let workload = if kind == "Pod" {
+        workload_of_pod(doc)
+    } else if name.is_empty() {
         Workload::PodName
     } else {
         Workload::Named(name.clone())

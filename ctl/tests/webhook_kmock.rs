@@ -1,0 +1,383 @@
+//! The controller's webhook, certificates and leader election against kmock (a Kubernetes API
+//! emulator; `kmock_apiserver.py` says what it emulates): the controller makes its CA and
+//! stores it in a Secret, serves AdmissionReviews over real TLS to a client that trusts only
+//! that Secret's `ca.crt`, keeps the webhook configuration's caBundle equal to it; of two
+//! controllers exactly one holds the Lease and writes, and the other takes over when it stops.
+
+mod support;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_ctl::controller::admission::WebhookOptions;
+use isthmus_ctl::controller::lease::LeaseOptions;
+use isthmus_ctl::controller::{Controller, Options, Status};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Api, PostParams};
+use kube::Client;
+use serde_json::{json, Value};
+use support::kmock::Kmock;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const NS: &str = "isthmus-system";
+const SNI: &str = "isthmus-controller.isthmus-system.svc";
+
+async fn wait_for<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn options() -> Options {
+    Options {
+        namespaces: vec!["shop".into()],
+        monitoring: "127.0.0.1:0".parse().unwrap(),
+        debounce: Duration::from_millis(20),
+        ..Options::default()
+    }
+}
+
+/// A controller running in this process until the returned sender is dropped or fired.
+fn spawn(
+    client: &Client,
+    options: Options,
+) -> (
+    Arc<Status>,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let controller = Controller::new(client.clone(), options);
+    let status = controller.status();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        controller.run(shutdown).await.unwrap();
+    });
+    (status, stop, task)
+}
+
+async fn ca_pem(client: &Client) -> String {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    wait_for("the CA Secret", Duration::from_secs(20), async || {
+        let secret = secrets.get_opt("isthmus-ca").await.unwrap()?;
+        let data = secret.data?;
+        assert!(data.contains_key("ca.key"));
+        Some(String::from_utf8(data.get("ca.crt")?.0.clone()).unwrap())
+    })
+    .await
+}
+
+/// One HTTP/1.1 request over TLS to `addr`, trusting only `ca`, with SNI [`SNI`]: the status
+/// code and the body.
+async fn post(addr: std::net::SocketAddr, ca: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SNI).unwrap(), tcp)
+        .await
+        .expect("TLS handshake with a client that trusts only ca.crt");
+    let mut request = format!(
+        "POST /inject HTTP/1.1\r\nhost: {SNI}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    tls.write_all(&request).await.unwrap();
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response).await.unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, response[split..].to_vec())
+}
+
+fn webhook_options(config: Option<&str>) -> WebhookOptions {
+    WebhookOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        namespace: NS.into(),
+        service: "isthmus-controller".into(),
+        ca_secret: "isthmus-ca".into(),
+        webhook_config: config.map(str::to_owned),
+        inject: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_serves_admission_reviews_over_tls_with_the_ca_from_its_secret() {
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let (status, _stop, _task) = spawn(
+        &client,
+        Options {
+            webhook: Some(webhook_options(None)),
+            ..options()
+        },
+    );
+    let ca = ca_pem(&client).await;
+    let addr = wait_for(
+        "the webhook's address",
+        Duration::from_secs(20),
+        async || status.webhook_addr(),
+    )
+    .await;
+
+    let review = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/admission/plain-pod.json"
+    ))
+    .unwrap();
+    let (code, body) = post(addr, &ca, &review).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(
+        answer["response"]["uid"],
+        "11111111-0000-0000-0000-000000000001"
+    );
+    assert_eq!(answer["response"]["allowed"], true);
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+
+    let (code, _) = post(addr, &ca, b"{\"apiVersion\": garbage").await;
+    assert_eq!(code, 400, "malformed JSON is a bad request");
+    let (code, _) = post(addr, &ca, &[0xff; 64]).await;
+    assert_eq!(code, 400);
+    // Still serving after the garbage.
+    let (code, _) = post(addr, &ca, &review).await;
+    assert_eq!(code, 200);
+
+    // A second controller (another replica) uses the stored CA, not a new one.
+    let (second, _stop2, _task2) = spawn(
+        &client,
+        Options {
+            webhook: Some(webhook_options(None)),
+            ..options()
+        },
+    );
+    let addr2 = wait_for("the second webhook", Duration::from_secs(20), async || {
+        second.webhook_addr()
+    })
+    .await;
+    let (code, _) = post(addr2, &ca, &review).await;
+    assert_eq!(
+        code, 200,
+        "the second replica's certificate chains to the same CA"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_bundle_of_the_webhook_configuration_is_kept_equal_to_the_ca() {
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "isthmus-sidecar-injector"},
+        "webhooks": [{"name": "inject.isthmus.io", "admissionReviewVersions": ["v1"],
+            "sideEffects": "None", "failurePolicy": "Fail",
+            "namespaceSelector": {"matchLabels": {"isthmus-injection": "enabled"}},
+            "clientConfig": {"service": {"name": "isthmus-controller", "namespace": NS, "path": "/inject"}}}],
+    }))
+    .unwrap();
+    configs
+        .create(&PostParams::default(), &config)
+        .await
+        .unwrap();
+    let (_status, _stop, _task) = spawn(
+        &client,
+        Options {
+            webhook: Some(webhook_options(Some("isthmus-sidecar-injector"))),
+            ..options()
+        },
+    );
+    let ca = ca_pem(&client).await;
+    let bundle = async || {
+        let config = configs.get("isthmus-sidecar-injector").await.unwrap();
+        let hook = &config.webhooks.unwrap()[0];
+        hook.client_config.ca_bundle.as_ref().map(|b| b.0.clone())
+    };
+    wait_for("the caBundle", Duration::from_secs(20), async || {
+        bundle().await.filter(|b| b == ca.as_bytes())
+    })
+    .await;
+
+    // Re-applied by hand (as `install` would) with an empty caBundle: put back.
+    let mut config = configs.get("isthmus-sidecar-injector").await.unwrap();
+    config.webhooks.as_mut().unwrap()[0].client_config.ca_bundle = None;
+    configs
+        .replace("isthmus-sidecar-injector", &PostParams::default(), &config)
+        .await
+        .unwrap();
+    wait_for(
+        "the caBundle restored",
+        Duration::from_secs(20),
+        async || bundle().await.filter(|b| b == ca.as_bytes()),
+    )
+    .await;
+}
+
+fn elected(identity: &str) -> Options {
+    let mut lease = LeaseOptions::new(NS.into(), "isthmus-controller".into(), identity.into());
+    lease.lease_duration = Duration::from_secs(4);
+    lease.renew_deadline = Duration::from_secs(3);
+    lease.retry_period = Duration::from_millis(300);
+    Options {
+        leader_election: Some(lease),
+        ..options()
+    }
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("isthmus-controller")
+        .await
+        .unwrap()?
+        .spec?
+        .holder_identity
+}
+
+async fn create_service(client: &Client, name: &str) {
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]},
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+}
+
+async fn registry_has(client: &Client, service: &str) -> bool {
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    config_maps
+        .get_opt("isthmus-registry")
+        .await
+        .unwrap()
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get("registry.json").cloned())
+        .is_some_and(|text| text.contains(&format!("{service}.shop.svc")))
+}
+
+/// Two replicas: `first` leads and writes, `second` writes nothing; `first` stops by `stop`
+/// (a clean shutdown or a crash) and `second` must lead and write within `within`.
+async fn takeover(
+    stop: impl FnOnce(
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) -> Box<dyn Future<Output = ()> + Unpin + Send>,
+    within: Duration,
+) {
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let (first, stop_first, first_task) = spawn(&client, elected("replica-a"));
+    wait_for("replica-a to lead", Duration::from_secs(20), async || {
+        (holder(&leases).await.as_deref() == Some("replica-a") && first.writes() > 0).then_some(())
+    })
+    .await;
+    let (second, _stop_second, _second_task) = spawn(&client, elected("replica-b"));
+    wait_for("replica-b ready", Duration::from_secs(20), async || {
+        second.ready().then_some(())
+    })
+    .await;
+
+    // A change while both run: the leader writes it, the follower nothing.
+    let before = first.writes();
+    create_service(&client, "web").await;
+    wait_for(
+        "the leader to write the new service",
+        Duration::from_secs(20),
+        async || registry_has(&client, "web").await.then_some(()),
+    )
+    .await;
+    assert!(first.writes() > before);
+    assert_eq!(second.writes(), 0, "the follower wrote");
+    assert_eq!(second.reconciles(), 0, "the follower reconciled");
+    assert_eq!(holder(&leases).await.as_deref(), Some("replica-a"));
+
+    stop(stop_first, first_task).await;
+    let stopped = Instant::now();
+    create_service(&client, "api").await;
+    wait_for(
+        "replica-b to lead and write",
+        within + Duration::from_secs(5),
+        async || {
+            (holder(&leases).await.as_deref() == Some("replica-b")
+                && registry_has(&client, "api").await)
+                .then_some(())
+        },
+    )
+    .await;
+    let took = stopped.elapsed();
+    assert!(second.writes() > 0);
+    assert!(
+        took <= within,
+        "takeover took {took:?}, more than {within:?}"
+    );
+    eprintln!("takeover took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_one_writes_and_a_clean_stop_hands_over_at_once() {
+    // The stopping leader releases the Lease: the other takes it on its next try (300 ms).
+    takeover(
+        |stop, task| {
+            Box::new(Box::pin(async move {
+                let _ = stop.send(());
+                task.await.unwrap();
+            }))
+        },
+        Duration::from_secs(2),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_one_writes_and_a_crashed_leader_is_replaced_within_the_lease() {
+    // No release: the Lease must expire (4 s) before the other takes it.
+    takeover(
+        |_stop, task| {
+            Box::new(Box::pin(async move {
+                task.abort();
+                let _ = task.await;
+            }))
+        },
+        Duration::from_secs(4) + Duration::from_millis(1500),
+    )
+    .await;
+}
