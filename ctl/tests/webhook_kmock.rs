@@ -118,6 +118,20 @@ async fn post(addr: std::net::SocketAddr, ca: &str, body: &[u8]) -> (u16, Vec<u8
     (code, response[split..].to_vec())
 }
 
+/// The value of the sample `series` (name and labels, as printed) on the monitoring port.
+async fn metric(status: &Status, series: &str) -> Option<f64> {
+    let addr = status.monitoring_addr()?;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 fn webhook_options(config: Option<&str>) -> WebhookOptions {
     WebhookOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -173,6 +187,15 @@ async fn webhook_serves_admission_reviews_over_tls_with_the_ca_from_its_secret()
     // Still serving after the garbage.
     let (code, _) = post(addr, &ca, &review).await;
     assert_eq!(code, 200);
+    let reviews = "isthmus_controller_webhook_reviews_total";
+    assert_eq!(
+        metric(&status, &format!("{reviews}{{result=\"injected\"}}")).await,
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&status, &format!("{reviews}{{result=\"bad_request\"}}")).await,
+        Some(2.0)
+    );
 
     // A second controller (another replica) uses the stored CA, not a new one.
     let (second, _stop2, _task2) = spawn(
@@ -329,6 +352,11 @@ async fn takeover(
     assert_eq!(second.writes(), 0, "the follower wrote");
     assert_eq!(second.reconciles(), 0, "the follower reconciled");
     assert_eq!(holder(&leases).await.as_deref(), Some("replica-a"));
+    assert_eq!(metric(&first, "isthmus_controller_leader").await, Some(1.0));
+    assert_eq!(
+        metric(&second, "isthmus_controller_leader").await,
+        Some(0.0)
+    );
 
     stop(stop_first, first_task).await;
     let stopped = Instant::now();
@@ -345,6 +373,10 @@ async fn takeover(
     .await;
     let took = stopped.elapsed();
     assert!(second.writes() > 0);
+    assert_eq!(
+        metric(&second, "isthmus_controller_leader").await,
+        Some(1.0)
+    );
     assert!(
         took <= within,
         "takeover took {took:?}, more than {within:?}"

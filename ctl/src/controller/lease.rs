@@ -82,6 +82,7 @@ impl Leadership {
 /// another replica takes over at once instead of after the lease duration.
 pub struct Elector {
     leadership: Leadership,
+    gauge: Gauge,
     tx: Option<Arc<watch::Sender<bool>>>,
     task: Option<(tokio::task::JoinHandle<()>, Api<Lease>, LeaseOptions)>,
 }
@@ -104,6 +105,7 @@ impl Elector {
             gauge.set(1);
             return Elector {
                 leadership: Leadership::always(),
+                gauge,
                 tx: None,
                 task: None,
             };
@@ -111,9 +113,15 @@ impl Elector {
         let (tx, rx) = watch::channel(false);
         let tx = Arc::new(tx);
         let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
-        let task = tokio::spawn(elect(api.clone(), options.clone(), tx.clone(), gauge));
+        let task = tokio::spawn(elect(
+            api.clone(),
+            options.clone(),
+            tx.clone(),
+            gauge.clone(),
+        ));
         Elector {
             leadership: Leadership { rx },
+            gauge,
             tx: Some(tx),
             task: Some((task, api, options)),
         }
@@ -143,6 +151,7 @@ impl Elector {
     fn step_down(&self) {
         if let Some(tx) = &self.tx {
             tx.send_replace(false);
+            self.gauge.set(0);
         }
     }
 }
