@@ -1,39 +1,24 @@
 //! The kubelet's probes of a meshed app, end to end: the injector rewrites a pod's probes, the
-//! sidecar is given what the injector gave it, the kubelet (the mesh's node namespace, outside
-//! the pod) sends each rewritten probe to the pod IP's :15020, which inbound capture leaves
-//! alone, and the sidecar runs the app's original probe against the app. Skipped, with
-//! the reason, without root (the netns harness).
+//! sidecar is given what the injector gave it, the "kubelet" (an unmeshed pod: no mesh
+//! certificate, no capture of its own) sends each rewritten probe to the pod IP's :15020, which
+//! inbound capture leaves alone, and the sidecar runs the app's original probe against the app.
+//! Skipped, with the reason, without root (the netns harness).
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use isthmus_ctl::inject::{inject, InjectConfig, PROBERS_ENV};
 use isthmus_ctl::local::{Mesh, MeshSpec, PodSpec, ECHO_PORT, HTTP_PORT};
-use isthmus_tests::http::app_stats;
+use isthmus_tests::http::{app_stats, Curl};
 use isthmus_tests::{metric_sum, prerequisites};
 use serde_json::json;
 
-/// What the kubelet gets for `GET http://ip:port/path`, from the node; 0 when nothing answered.
+/// What the kubelet gets for `GET http://ip:port/path`; 0 when nothing answered.
 fn kubelet_get(mesh: &Mesh, ip: IpAddr, port: u16, path: &str) -> u16 {
-    let out = mesh
-        .node()
-        .command("curl", None)
-        .unwrap()
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("http://{ip}:{port}{path}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    Curl::new(format!("http://{ip}:{port}{path}"))
+        .max_time(Duration::from_secs(5))
+        .run(mesh.pod("kubelet"))
+        .map_or(0, |r| r.status)
 }
 
 #[test]
@@ -73,7 +58,13 @@ fn the_kubelet_reaches_the_apps_probes_through_the_sidecar_while_inbound_capture
         )
     };
 
-    let mut mesh_spec = MeshSpec::new(&["web"], vec![PodSpec::meshed("web", Some("web"), "v1")]);
+    let mut mesh_spec = MeshSpec::new(
+        &["web"],
+        vec![
+            PodSpec::meshed("web", Some("web"), "v1"),
+            PodSpec::unmeshed("kubelet"),
+        ],
+    );
     mesh_spec.proxy_args = vec!["--app-probers".into(), probers];
     let mesh = Mesh::start(mesh_spec).unwrap_or_else(|e| panic!("mesh did not start: {e}"));
     let pod = mesh.pod("web");
