@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_ctl::controller::admission::WebhookOptions;
+use isthmus_ctl::controller::certs;
 use isthmus_ctl::controller::lease::LeaseOptions;
 use isthmus_ctl::controller::{Controller, Options, Status};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -269,6 +270,87 @@ async fn ca_bundle_of_the_webhook_configuration_is_kept_equal_to_the_ca() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_making_the_ca_at_once_end_up_with_the_same_one() {
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let (a, b) = tokio::join!(
+        certs::load_or_create(&client, NS, "isthmus-ca"),
+        certs::load_or_create(&client, NS, "isthmus-ca"),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.cert_pem(),
+        b.cert_pem(),
+        "the loser of the create uses the winner's CA"
+    );
+    assert_eq!(a.cert_pem(), ca_pem(&client).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmock_refuses_a_put_with_a_stale_resource_version() {
+    // What leader election and the caBundle rely on, as the real API server does it.
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "l", "namespace": NS}, "spec": {"holderIdentity": "a"},
+    }))
+    .unwrap();
+    let created = leases.create(&PostParams::default(), &lease).await.unwrap();
+    let mut update = created.clone();
+    update.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    leases
+        .replace("l", &PostParams::default(), &update)
+        .await
+        .unwrap();
+    update.spec.as_mut().unwrap().holder_identity = Some("c".into());
+    let stale = leases.replace("l", &PostParams::default(), &update).await;
+    assert!(
+        matches!(&stale, Err(kube::Error::Api(s)) if s.code == 409),
+        "{stale:?}"
+    );
+    assert_eq!(holder_of(&leases, "l").await.as_deref(), Some("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_started_together_elect_exactly_one() {
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let (a, _stop_a, _task_a) = spawn(&client, elected("replica-a"));
+    let (b, _stop_b, _task_b) = spawn(&client, elected("replica-b"));
+    let replicas = [("replica-a", &a), ("replica-b", &b)];
+    let leader = wait_for(
+        "a leader that wrote, and both ready",
+        Duration::from_secs(20),
+        async || {
+            let holder = holder(&leases).await?;
+            let (_, leader) = replicas.iter().find(|(id, _)| *id == holder)?;
+            (leader.writes() > 0 && a.ready() && b.ready()).then_some(holder)
+        },
+    )
+    .await;
+    for (id, status) in replicas {
+        let leads = id == leader;
+        assert_eq!(
+            metric(status, "isthmus_controller_leader").await,
+            Some(if leads { 1.0 } else { 0.0 }),
+            "{id}"
+        );
+        if !leads {
+            assert_eq!(status.reconciles(), 0, "the follower {id} reconciled");
+            assert_eq!(status.writes(), 0, "the follower {id} wrote");
+        }
+    }
+}
+
 fn elected(identity: &str) -> Options {
     let mut lease = LeaseOptions::new(NS.into(), "isthmus-controller".into(), identity.into());
     lease.lease_duration = Duration::from_secs(4);
@@ -281,12 +363,11 @@ fn elected(identity: &str) -> Options {
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("isthmus-controller")
-        .await
-        .unwrap()?
-        .spec?
-        .holder_identity
+    holder_of(leases, "isthmus-controller").await
+}
+
+async fn holder_of(leases: &Api<Lease>, name: &str) -> Option<String> {
+    leases.get_opt(name).await.unwrap()?.spec?.holder_identity
 }
 
 async fn create_service(client: &Client, name: &str) {

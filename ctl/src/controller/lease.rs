@@ -54,15 +54,18 @@ impl LeaseOptions {
 #[derive(Debug, Clone)]
 pub struct Leadership {
     rx: watch::Receiver<bool>,
+    /// The sender of [`Leadership::always`], kept so `changed` waits rather than fails.
+    _always: Option<Arc<watch::Sender<bool>>>,
 }
 
 impl Leadership {
     /// Leader from the start, for good (`--leader-elect=false`: one replica, or tests).
     pub fn always() -> Self {
         let (tx, rx) = watch::channel(true);
-        // Keep the sender alive so `changed` waits forever rather than failing.
-        std::mem::forget(tx);
-        Leadership { rx }
+        Leadership {
+            rx,
+            _always: Some(Arc::new(tx)),
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -120,7 +123,7 @@ impl Elector {
             gauge.clone(),
         ));
         Elector {
-            leadership: Leadership { rx },
+            leadership: Leadership { rx, _always: None },
             gauge,
             tx: Some(tx),
             task: Some((task, api, options)),
