@@ -383,6 +383,13 @@ impl Compiler {
                 self.issue(doc, "", "only one Sidecar is supported per config");
                 continue;
             }
+            for (i, listener) in spec.egress.iter().enumerate() {
+                for (j, host) in listener.hosts.iter().enumerate() {
+                    if let Err(e) = crate::egress::EgressHost::parse(host, doc.namespace()) {
+                        self.issue(doc, format!("spec.egress[{i}].hosts[{j}]"), e.to_string());
+                    }
+                }
+            }
             policy = Some(
                 match spec.outbound_traffic_policy.as_ref().map(|p| p.mode) {
                     Some(OutboundMode::RegistryOnly) => OutboundPolicy::RegistryOnly,

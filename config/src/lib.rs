@@ -8,6 +8,7 @@
 
 pub mod compile;
 pub mod duration;
+pub mod egress;
 pub mod error;
 pub mod net;
 pub mod parse;

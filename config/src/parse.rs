@@ -63,7 +63,6 @@ const NOT_YET: &[(&str, &str)] = &[
         "sourceLabels",
         "sourceLabels matches are not implemented for tcp routes yet",
     ),
-    ("egress", "Sidecar egress scoping is not implemented yet"),
     (
         "ingress",
         "Sidecar ingress listeners are not implemented yet",

@@ -194,12 +194,23 @@ pub struct Subset {
 
 // ---------------------------------------------------------------- Sidecar
 
-/// `networking.istio.io/v1` Sidecar: only the outbound traffic policy for now.
+/// `networking.istio.io/v1` Sidecar: the outbound traffic policy and the egress hosts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SidecarSpec {
     #[serde(default)]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// Which services the sidecars import ([`crate::egress`]). The controller writes only those
+    /// into the namespace's registry; a sidecar serves the registry it is given.
+    #[serde(default)]
+    pub egress: Vec<EgressListener>,
+}
+
+/// One egress listener: only its hosts (no per-port listeners, bind or capture mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressListener {
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

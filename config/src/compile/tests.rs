@@ -215,6 +215,24 @@ fn sidecar_sets_registry_only() {
     assert_eq!(snap.outbound_policy(), OutboundPolicy::RegistryOnly);
 }
 
+/// Egress hosts are checked here and applied by the controller (it writes only the matching
+/// services into the namespace's registry).
+#[test]
+fn sidecar_egress_hosts_are_accepted_and_checked() {
+    let sidecar = |hosts: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: shop}}\n\
+             spec: {{egress: [{{hosts: [{hosts}]}}]}}\n"
+        )
+    };
+    assert!(snapshot(&sidecar("'./*', 'istio-system/*', '*/*.example.com'")).is_ok());
+    let err = snapshot(&sidecar("reviews")).unwrap_err().join("\n");
+    assert!(
+        err.contains("spec.egress[0].hosts[0]") && err.contains("namespace/dnsName"),
+        "{err}"
+    );
+}
+
 #[test]
 fn empty_config_is_valid_and_versioned() {
     let snap = load(&[]).unwrap();

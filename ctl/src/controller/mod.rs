@@ -20,7 +20,9 @@ pub mod admission;
 pub mod certs;
 pub mod lease;
 pub mod registry;
+pub mod scope;
 mod serve;
+pub mod split;
 pub mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

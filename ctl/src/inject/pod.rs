@@ -105,13 +105,7 @@ pub(super) fn inject(
         array_at(spec, "containers", "spec.containers")?.insert(0, proxy);
     }
     let volumes = array_at(spec, "volumes", "spec.volumes")?;
-    // Routing and registry as one directory: a projected volume is written by the kubelet as
-    // one generation (one `..data` swap), so the sidecar never sees routing from one update and
-    // the registry from another; the two ConfigMaps are written apart (endpoints churn more).
-    volumes.push(json!({"name": CONFIG_VOLUME, "projected": {"sources": [
-        {"configMap": {"name": config.config_map}},
-        {"configMap": {"name": config.registry_config_map, "optional": true}},
-    ]}}));
+    volumes.push(config_volume(config));
     volumes.push(json!({"name": TOKEN_VOLUME, "projected": {"sources": [{
         "serviceAccountToken": {
             "audience": config.token_audience,
@@ -172,6 +166,22 @@ fn remove_injected(spec: &mut Map<String, Value>) -> Result<(), TemplateError> {
         }
     }
     Ok(())
+}
+
+/// The sidecar's config directory: routing and every registry shard as one projected volume.
+/// The kubelet writes a projected volume as one generation (one `..data` swap), so the sidecar
+/// never sees routing from one update and the registry from another, nor half of a re-split
+/// registry; the ConfigMaps are written apart (endpoints churn more than routes). Every source
+/// is optional: the shards beyond the registry's current split do not exist, and a pod may
+/// start before the controller has written its namespace.
+fn config_volume(config: &InjectConfig) -> Value {
+    let sources: Vec<Value> = std::iter::once(config.config_map.clone())
+        .chain(crate::controller::split::shard_config_maps(
+            &config.registry_config_map,
+        ))
+        .map(|name| json!({"configMap": {"name": name, "optional": true}}))
+        .collect();
+    json!({"name": CONFIG_VOLUME, "projected": {"sources": sources}})
 }
 
 fn init_container(config: &InjectConfig, options: &PodOptions) -> Value {

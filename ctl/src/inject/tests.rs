@@ -248,12 +248,19 @@ fn the_native_sidecar_exactly() {
             "terminationMessagePolicy": "FallbackToLogsOnError",
         })
     );
+    // Routing and the registry's 16 possible shards in one directory, each optional.
+    let mut config_sources =
+        vec![json!({"configMap": {"name": "isthmus-config", "optional": true}})];
+    config_sources.push(json!({"configMap": {"name": "isthmus-registry", "optional": true}}));
+    for k in 1..16 {
+        config_sources.push(
+            json!({"configMap": {"name": format!("isthmus-registry-{k}"), "optional": true}}),
+        );
+    }
     assert_eq!(
         spec["volumes"],
         json!([
-            {"name": "isthmus-config", "projected": {"sources": [
-                {"configMap": {"name": "isthmus-config"}},
-                {"configMap": {"name": "isthmus-registry", "optional": true}}]}},
+            {"name": "isthmus-config", "projected": {"sources": config_sources}},
             {"name": "isthmus-token", "projected": {"sources": [{"serviceAccountToken": {
                 "audience": "isthmus-ca", "expirationSeconds": 43200, "path": "token"}}]}},
         ])
