@@ -9,4 +9,5 @@ pub mod controller;
 pub mod inject;
 pub mod local;
 pub mod netns;
+pub mod proxy_status;
 pub mod seccomp;

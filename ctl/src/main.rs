@@ -79,6 +79,34 @@ enum Command {
         #[command(flatten)]
         replicas: ReplicaFlags,
     },
+    /// For every meshed pod, the config version its sidecar serves against the version the
+    /// controller wrote for its namespace: SYNCED, STALE, NOT READY (and why) or NO CONFIG.
+    /// Asks through the API server (pods/proxy), like kubectl; reads KUBECONFIG.
+    ProxyStatus {
+        /// Only this namespace (default: the kubeconfig context's namespace).
+        #[arg(
+            short = 'n',
+            long,
+            value_name = "NS",
+            conflicts_with = "all_namespaces"
+        )]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Exit 2 unless every meshed pod is SYNCED (for CI and rollout scripts).
+        #[arg(long)]
+        check: bool,
+        /// Sidecars asked at the same time.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// How long one sidecar may take to answer before it is NOT READY (unreachable).
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        timeout_ms: u64,
+        /// The ConfigMap whose `isthmus.io/config-version` is the written version.
+        #[arg(long, value_name = "NAME", default_value = "isthmus-registry")]
+        registry_config_map: String,
+    },
     /// The built-in app the local mesh runs in each pod.
     #[command(hide = true)]
     App {
@@ -151,6 +179,29 @@ fn main() -> ExitCode {
                 ..isthmus_ctl::controller::Options::default()
             })
         }),
+        Command::ProxyStatus {
+            namespace,
+            all_namespaces,
+            check,
+            concurrency,
+            timeout_ms,
+            registry_config_map,
+        } => {
+            let options = isthmus_ctl::proxy_status::Options {
+                namespace,
+                registry_config_map,
+                concurrency,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            };
+            return match proxy_status(options, all_namespaces) {
+                Ok(synced) if check && !synced => ExitCode::from(2),
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("isthmus-ctl: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::App { name, http, echo } => {
             isthmus_ctl::app::serve(&name, http, echo).map_err(anyhow::Error::from)
         }
@@ -285,6 +336,34 @@ fn controller(options: isthmus_ctl::controller::Options) -> anyhow::Result<()> {
             .run(shutdown)
             .await
             .map_err(anyhow::Error::from)
+    })
+}
+
+/// Prints the proxy-status table and summary; true when every meshed pod is SYNCED.
+fn proxy_status(
+    mut options: isthmus_ctl::proxy_status::Options,
+    all_namespaces: bool,
+) -> anyhow::Result<bool> {
+    use isthmus_ctl::proxy_status::{all_synced, collect, render, summary};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let mut config = kube::Config::infer()
+            .await
+            .context("no Kubernetes client config: is KUBECONFIG set?")?;
+        // A 503 from pods/proxy is the answer (the sidecar is unreachable), not an overloaded
+        // API server: kube-rs's default retries would turn it into a timeout.
+        config.default_retry = false;
+        let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+        if !all_namespaces && options.namespace.is_none() {
+            options.namespace = Some(client.default_namespace().to_owned());
+        }
+        let rows = collect(&client, &options).await?;
+        print!("{}", render(&rows));
+        println!("{}", summary(&rows));
+        Ok(all_synced(&rows))
     })
 }
 

@@ -7,6 +7,17 @@ resources the controller reads and writes declared, and two gaps filled so kube-
   watch from a version replays every object as ADDED, and there is no 410 Gone.
 - a 404 says `reason: NotFound`, as the real API server's Status does (kmock says "Object Not
   Found"; kube-rs's get_opt tells a missing object by the reason).
+- kubectl works as a client: the core group's discovery document says `groupVersion: v1` (kmock
+  says "/v1", and kubectl then finds no resource type), and a list says its kind
+  (`ServiceList`, ...) and apiVersion, which kubectl's decoder requires; each resource has its
+  singular name (`endpointslice`), as kubectl resolves it. kubectl still needs
+  `--validate=false` on create/apply: there is no OpenAPI document.
+- the pods/proxy subresource (`GET /api/v1/namespaces/NS/pods/NAME[:PORT]/proxy/PATH`), as the
+  API server serves it: the GET is forwarded to the pod's `status.podIP` at PORT (80 by default)
+  and PATH, with the query, and the pod's status, content type and body come back unchanged; a
+  pod that does not exist is a 404 NotFound, one whose address refuses or does not answer (5 s)
+  a 503 `ServiceUnavailable` whose message starts "error trying to reach service", as the real
+  proxy says. Only plain HTTP and GET (what `isthmus-ctl proxy-status` uses).
 - a server-side apply (PATCH with application/apply-patch+yaml) of an object that does not exist
   creates it, as the real API server does; kmock would answer 404. The apply itself is then a
   recursive merge of the sent fields: no managedFields, no field ownership, no conflicts.
@@ -20,6 +31,7 @@ import asyncio
 import itertools
 import sys
 
+import aiohttp
 import aiohttp.web
 import kmock
 
@@ -39,6 +51,12 @@ versions = itertools.count(1)
 
 class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request):
+        if (
+            request.resource is not None
+            and request.resource.plural == "pods"
+            and (request.subresource or "").split("/")[0] == "proxy"
+        ):
+            return await self._proxy_to_pod(request)
         if request.resource is not None and request.name is not None and request.method == "PUT":
             return await self._replace(request)
         if (
@@ -81,6 +99,50 @@ class Emulator(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
         return aiohttp.web.json_response(raw)
 
+    async def _serve_version(self, request):
+        # kmock names the core group's version "/v1"; kubectl's discovery wants "v1" (and finds
+        # no resource type at all otherwise).
+        doc = await super()._serve_version(request)
+        doc["groupVersion"] = doc["groupVersion"].lstrip("/")
+        return doc
+
+    async def _serve_list(self, request):
+        doc = await super()._serve_list(request)
+        resource = request.resource
+        kind = RESOURCES.get(f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/"))
+        doc["apiVersion"] = f"{resource.group}/{resource.version}".lstrip("/")
+        doc["kind"] = f"{kind[0]}List" if kind else "List"
+        return doc
+
+    async def _proxy_to_pod(self, request):
+        """The pods/proxy subresource: the API server's forwarder to the pod's own address."""
+        name, _, port = request.name.partition(":")
+        key = (request.resource, request.namespace, name)
+        async with self._lock:
+            pod = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else None
+        if pod is None:
+            return await self._render_error(kmock.KubernetesNotFoundError(message=f'pods "{name}" not found'))
+        ip = pod.get("status", {}).get("podIP", "")
+        path = request.subresource.partition("/")[2]
+        url = f"http://{ip}:{port or 80}/{path}"
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(url, params=request.params) as upstream:
+                    body = await upstream.read()
+                    return aiohttp.web.Response(
+                        status=upstream.status,
+                        body=body,
+                        headers={"Content-Type": upstream.headers.get("Content-Type", "text/plain")},
+                    )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            status = {
+                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "code": 503, "reason": "ServiceUnavailable",
+                "message": f"error trying to reach service: {type(e).__name__}: {e} ({url})",
+            }
+            return aiohttp.web.json_response(status, status=503)
+
     async def _render_error(self, exc):
         if isinstance(exc, kmock.KubernetesNotFoundError):
             exc = kmock.KubernetesNotFoundError(reason="NotFound", message=exc.message)
@@ -90,7 +152,7 @@ class Emulator(kmock.KubernetesEmulator):
 async def main():
     emulator = Emulator()
     for resource, (kind, namespaced) in RESOURCES.items():
-        emulator.resources[resource] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS)
+        emulator.resources[resource] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS, singular=kind.lower())
     async with emulator as handler, kmock.Server(handler) as server:
         print(server.port, flush=True)
         loop = asyncio.get_running_loop()
