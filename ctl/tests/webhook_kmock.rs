@@ -351,6 +351,81 @@ async fn two_controllers_started_together_elect_exactly_one() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_its_identity_and_namespace_from_the_downward_api_and_releases_on_sigterm()
+{
+    let Some(kmock) = Kmock::start_or_skip() else {
+        return;
+    };
+    let client = kmock.client().await;
+    let dir = std::env::temp_dir().join(format!("isthmus-webhook-kmock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, kmock.kubeconfig()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_isthmus-ctl"))
+        .args([
+            "controller",
+            "--namespace",
+            "shop",
+            "--monitoring",
+            "127.0.0.1:0",
+        ])
+        .args(["--webhook", "127.0.0.1:0"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", "isthmus-controller-7d9f-x2")
+        .env("POD_NAMESPACE", "mesh-control")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "mesh-control");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "mesh-control");
+    let up = wait_for_result(async || {
+        let holder = holder(&leases).await?;
+        secrets.get_opt("isthmus-ca").await.unwrap()?;
+        Some(holder)
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        up.as_deref(),
+        Some("isthmus-controller-7d9f-x2"),
+        "POD_NAME holds the Lease in POD_NAMESPACE, beside the CA"
+    );
+    assert!(exit.expect("exits on SIGTERM").success());
+    assert_eq!(
+        holder(&leases).await,
+        None,
+        "the Lease is released on SIGTERM"
+    );
+}
+
+/// Like [`wait_for`], but a timeout is `None`, so the caller can stop its child first.
+async fn wait_for_result<T>(mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 fn elected(identity: &str) -> Options {
     let mut lease = LeaseOptions::new(NS.into(), "isthmus-controller".into(), identity.into());
     lease.lease_duration = Duration::from_secs(4);
