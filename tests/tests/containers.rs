@@ -28,6 +28,9 @@ use isthmus_ctl::configmap::ConfigMapDir;
 use isthmus_tests::{metric_sum, prerequisites, skip};
 
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The app container's probes as the injector hands them to the sidecar.
+const APP_PROBERS: &str = r#"{"/app-health/app/readyz": {"httpGet": {"path": "/status/200", "port": 8080}},
+  "/app-health/app/livez": {"httpGet": {"path": "/status/500", "port": 8080}, "timeoutSeconds": 2}}"#;
 
 /// A seccomp profile that allows everything but io_uring (refused with EPERM, as Docker 25+
 /// and containerd 2 refuse it in their default profiles).
@@ -98,6 +101,30 @@ fn run(d: &mut Docker, tag: &str) -> Result<()> {
         let (status, body) = pod.get(SocketAddr::from((ip, 15021)), "/healthz/ready")?;
         assert_eq!(status, 200, "{} not ready: {body}", pod.name);
     }
+
+    // The app's rewritten probes, as the kubelet sends them to the pod's address: the
+    // sidecar (in its image, as 1337, read-only) runs the originals against the app.
+    for (path, want) in [
+        ("/app-health/app/readyz", 200),
+        ("/app-health/app/livez", 500),
+    ] {
+        let (status, body) = server.get(SocketAddr::from((server_ip, 15020)), path)?;
+        assert_eq!(status, want, "{path}: {body}");
+    }
+    // The classic sidecar's postStart hook, run as the kubelet runs it (exec in the sidecar's
+    // container): the image has the command, and it returns once the proxy is ready.
+    let hook = d.output(&[
+        "exec",
+        &format!("{}-proxy", server.container),
+        "/usr/local/bin/isthmus-proxy",
+        "wait",
+        "--timeout-secs",
+        "10",
+    ])?;
+    assert!(
+        hook.status.success() && String::from_utf8_lossy(&hook.stdout).contains("ready"),
+        "the wait hook: {hook:?}"
+    );
 
     // Both sidecars run as 1337, under a seccomp filter, with no capability.
     for pod in [&server, &client] {
@@ -438,6 +465,8 @@ impl Docker {
         args.extend(["-v", &mount, &image]);
         args.extend(["--workload", pod, "--namespace", "mesh", "--app", pod]);
         args.extend(["--app-version", "v1"]);
+        // What the injector gives a sidecar whose app has HTTP probes (one failing).
+        args.extend(["--app-probers", APP_PROBERS]);
         self.start(&format!("{infra}-proxy"), &args)?;
         let ns_pid = docker(&["inspect", "--format", "{{.State.Pid}}", &infra])?
             .parse()
