@@ -177,6 +177,10 @@ pub struct MeshSpec {
     /// Run sidecars under a seccomp filter that blocks io_uring, like Docker's and
     /// containerd's default profiles.
     pub block_io_uring: bool,
+    /// The mesh writes no registry: the config directory ([`Mesh::config_dir`], empty at
+    /// start) is someone else's to write, as a kubelet materialises the controller's
+    /// ConfigMaps (tests/tests/controller.rs). `services` and `config` are then unused.
+    pub external_config: bool,
 }
 
 impl MeshSpec {
@@ -190,6 +194,7 @@ impl MeshSpec {
             bin_dir: None,
             config: Vec::new(),
             block_io_uring: false,
+            external_config: false,
         }
     }
 }
@@ -206,6 +211,7 @@ pub struct Mesh {
     next_slot: u8,
     config: ConfigMapDir,
     user_config: std::sync::Mutex<Vec<SourceFile>>,
+    external_config: bool,
     work_dir: PathBuf,
     keep_work_dir: bool,
     launch: Launch,
@@ -302,6 +308,7 @@ impl Mesh {
             plan,
             config,
             user_config: std::sync::Mutex::new(spec.config.clone()),
+            external_config: spec.external_config,
             work_dir,
             keep_work_dir: false,
             launch: Launch {
@@ -313,7 +320,9 @@ impl Mesh {
             },
             _node: node,
         };
-        mesh.write_files().map_err(io_err("writing the config"))?;
+        if !mesh.external_config {
+            mesh.write_files().map_err(io_err("writing the config"))?;
+        }
 
         for planned in &mesh.plan {
             let pod = mesh.create_pod(planned)?;
@@ -414,6 +423,11 @@ impl Mesh {
     }
 
     fn write_files(&self) -> std::io::Result<String> {
+        if self.external_config {
+            return Err(std::io::Error::other(
+                "the config directory is external (MeshSpec::external_config)",
+            ));
+        }
         let mut files = vec![self.registry()];
         files.extend(
             self.user_config
@@ -434,6 +448,12 @@ impl Mesh {
 
     pub fn config_dir(&self) -> &Path {
         self.config.path()
+    }
+
+    /// The "node": the namespace holding the pods' bridge, from which every pod address is
+    /// reachable (where a test runs what a cluster's control plane would).
+    pub fn node(&self) -> &Netns {
+        &self._node
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
