@@ -472,12 +472,40 @@ mod tests {
         );
     }
 
+    /// Sends `request` on a fresh connection and returns all the server wrote before closing.
+    async fn exchange(request: &[u8]) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            connection(server, &InjectConfig::default(), &Metrics::default()).await
+        });
+        client.write_all(request).await.unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        server.await.unwrap().unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_and_heads_are_refused_without_reading_them() {
+        let big = format!(
+            "POST /inject HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(exchange(big.as_bytes()).await.starts_with("HTTP/1.1 413 "));
+        let head = format!(
+            "POST /inject HTTP/1.1\r\nx: {}\r\n",
+            "a".repeat(MAX_HEAD + 1)
+        );
+        assert!(exchange(head.as_bytes()).await.starts_with("HTTP/1.1 431 "));
+        let wrong = b"GET /inject HTTP/1.1\r\nconnection: close\r\n\r\n";
+        assert!(exchange(wrong).await.starts_with("HTTP/1.1 405 "));
+        assert!(exchange(b"\x16\x03\x01 not http\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400 "));
+    }
+
     #[tokio::test]
     async fn keep_alive_serves_requests_in_turn_and_refuses_chunked_bodies() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let config = InjectConfig::default();
-        let metrics = Metrics::default();
-        let server = tokio::spawn(async move { connection(server, &config, &metrics).await });
         let body = admission("Service", "CREATE", json!({}));
         let mut requests = Vec::new();
         for _ in 0..2 {
@@ -493,11 +521,8 @@ mod tests {
         requests.extend_from_slice(
             b"POST /inject HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
         );
-        client.write_all(&requests).await.unwrap();
-        let mut out = String::new();
-        client.read_to_string(&mut out).await.unwrap();
+        let out = exchange(&requests).await;
         assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
         assert!(out.contains("HTTP/1.1 411 Length Required"), "{out}");
-        server.await.unwrap().unwrap();
     }
 }
