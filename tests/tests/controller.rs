@@ -212,7 +212,7 @@ impl Cluster<'_> {
     fn proxy_status(&self) -> (i32, Vec<(String, String)>) {
         let out = self.run(
             &self.bin_dir.join("isthmus-ctl"),
-            &["proxy-status", "-n", NS, "--check", "--timeout-ms", "3000"],
+            &["proxy-status", "-n", NS, "--check", "--timeout-ms", "10000"],
             None,
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
