@@ -210,9 +210,18 @@ async fn elect(api: Api<Lease>, options: LeaseOptions, tx: Arc<watch::Sender<boo
     let mut observed: Option<Observed> = None;
     let mut renewed: Option<Instant> = None;
     loop {
-        match try_acquire_or_renew(&api, &options, &mut observed).await {
+        // A hung API call must not keep a leader writing past its deadline: bounded, and the
+        // renewal counts from when it was sent (the renewTime it carries).
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(
+            options.renew_deadline,
+            try_acquire_or_renew(&api, &options, &mut observed),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timed_out()));
+        match attempt {
             Ok(true) => {
-                renewed = Some(Instant::now());
+                renewed = Some(started);
                 set(true);
             }
             Ok(false) => set(false),
@@ -226,6 +235,13 @@ async fn elect(api: Api<Lease>, options: LeaseOptions, tx: Arc<watch::Sender<boo
         }
         tokio::time::sleep(options.retry_period).await;
     }
+}
+
+fn timed_out() -> kube::Error {
+    kube::Error::Service(Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer from the API server within the renew deadline",
+    )))
 }
 
 /// One round: `Ok(true)` when we hold the Lease afterwards.
