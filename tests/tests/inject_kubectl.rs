@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use isthmus_ctl::inject::{inject, parse_documents, InjectConfig};
 use serde_json::{json, Value};
 
-/// A Pod with annotations, then each controller kind around the same pod template.
+/// A Pod with annotations and probes (rewritten to the sidecar), then each controller kind
+/// around the same pod template.
 fn workloads() -> Vec<Value> {
     let pod = parse_documents(
         "\
@@ -24,7 +25,13 @@ metadata:
     sidecar.istio.io/proxyCPULimit: \"1\"
 spec:
   initContainers: [{name: migrate, image: \"m:1\"}]
-  containers: [{name: app, image: \"app:1\"}]
+  containers:
+  - name: app
+    image: \"app:1\"
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {path: /ready, port: http}}
+    livenessProbe: {tcpSocket: {port: 8080}, timeoutSeconds: 2}
+    startupProbe: {grpc: {port: 9090}}
 ",
     )
     .unwrap()
@@ -74,6 +81,10 @@ fn kubectl_decodes_every_injected_field() {
         let docs = inject(workloads(), &config).unwrap();
         assert_eq!(docs.documents.len(), 7);
         for doc in &docs.documents {
+            // The rewritten probes and (classic) the wait hook are among what is checked.
+            let text = doc.to_string();
+            assert!(text.contains("/app-health/app/startupz"), "{text}");
+            assert_eq!(text.contains("postStart"), !native_sidecar, "{text}");
             let decoded = kubectl_round_trip(doc);
             if let Err(path) = contained(doc, &decoded, String::new()) {
                 panic!(
