@@ -7,6 +7,7 @@ pub mod app;
 pub mod configmap;
 pub mod controller;
 pub mod inject;
+pub mod install;
 pub mod local;
 pub mod netns;
 pub mod proxy_status;

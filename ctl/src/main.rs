@@ -56,6 +56,43 @@ enum Command {
         #[arg(short = 'o', long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Everything a cluster needs to run isthmus — namespace, Istio CRDs, ServiceAccount and
+    /// RBAC, the controller's Deployment, Service and PodDisruptionBudget, the injection
+    /// webhook's configuration — printed as YAML, or applied with `--apply` (server-side apply,
+    /// field manager isthmus-install; reads KUBECONFIG). See docs/INSTALL.md.
+    Install {
+        /// The install namespace, also the mesh root namespace.
+        #[arg(short = 'n', long, default_value = "isthmus-system")]
+        namespace: String,
+        /// Image prefix: the controller image is `{hub}/ctl:{tag}`, as docker/build.sh names it.
+        #[arg(long, default_value = "isthmus")]
+        hub: String,
+        #[arg(long, default_value = "dev")]
+        tag: String,
+        /// Controller replicas (one leader writes; every replica serves the webhook).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..))]
+        replicas: i32,
+        /// The Istio CRDs: `auto` skips one that exists and is not isthmus's (Istio's is never
+        /// overwritten), `always` applies them all, `never` leaves them out.
+        #[arg(long, value_enum, default_value_t = isthmus_ctl::install::CrdMode::Auto)]
+        crds: isthmus_ctl::install::CrdMode,
+        /// Apply to the cluster instead of printing.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Removes what `install` made and the ConfigMaps the controller wrote: printed, or deleted
+    /// with `--apply`. The Istio CRDs stay unless `--crds isthmus`.
+    Uninstall {
+        #[arg(short = 'n', long, default_value = "isthmus-system")]
+        namespace: String,
+        /// `keep` (with every resource of their kinds), or `isthmus`: delete those `install`
+        /// made (labelled app.kubernetes.io/managed-by=isthmus-install), never Istio's.
+        #[arg(long, value_enum, default_value_t = isthmus_ctl::install::apply::UninstallCrds::Keep)]
+        crds: isthmus_ctl::install::apply::UninstallCrds,
+        /// Delete instead of printing what would be deleted.
+        #[arg(long)]
+        apply: bool,
+    },
     /// The Kubernetes controller: watches Services, EndpointSlices and Pods and writes each
     /// meshed namespace's registry ConfigMap (server-side apply, only on change). Reads the
     /// cluster from the in-cluster service account or KUBECONFIG.
@@ -160,6 +197,28 @@ fn main() -> ExitCode {
             },
             output.as_deref(),
         ),
+        Command::Install {
+            namespace,
+            hub,
+            tag,
+            replicas,
+            crds,
+            apply,
+        } => install_command(
+            isthmus_ctl::install::InstallOptions {
+                namespace,
+                hub,
+                tag,
+                replicas,
+                crds,
+            },
+            apply,
+        ),
+        Command::Uninstall {
+            namespace,
+            crds,
+            apply,
+        } => uninstall_command(&namespace, crds, apply),
         Command::Controller {
             namespaces,
             monitoring,
@@ -364,6 +423,62 @@ fn proxy_status(
         print!("{}", render(&rows));
         println!("{}", summary(&rows));
         Ok(all_synced(&rows))
+    })
+}
+
+fn install_command(
+    options: isthmus_ctl::install::InstallOptions,
+    apply: bool,
+) -> anyhow::Result<()> {
+    if !apply {
+        print!(
+            "{}",
+            isthmus_ctl::install::to_yaml(&isthmus_ctl::install::manifests(&options))
+        );
+        return Ok(());
+    }
+    with_cluster(async |client| {
+        isthmus_ctl::install::apply::install(&client, &options, |line| println!("{line}"))
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}
+
+fn uninstall_command(
+    namespace: &str,
+    crds: isthmus_ctl::install::apply::UninstallCrds,
+    apply: bool,
+) -> anyhow::Result<()> {
+    let options = isthmus_ctl::install::InstallOptions {
+        namespace: namespace.to_owned(),
+        ..Default::default()
+    };
+    if !apply {
+        println!("# isthmus-ctl uninstall --apply would delete, in this order:");
+        for line in isthmus_ctl::install::apply::uninstall_plan(&options, crds) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    with_cluster(async |client| {
+        isthmus_ctl::install::apply::uninstall(&client, &options, crds, |line| println!("{line}"))
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}
+
+/// Runs `work` on a current-thread runtime with a client for the cluster KUBECONFIG (or the
+/// in-cluster account) names: the setup every one-shot cluster command shares.
+fn with_cluster<T>(work: impl AsyncFnOnce(kube::Client) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("no Kubernetes client config: is KUBECONFIG set?")?;
+        work(client).await
     })
 }
 

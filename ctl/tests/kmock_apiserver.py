@@ -18,6 +18,8 @@ resources the controller reads and writes declared, and two gaps filled so kube-
   pod that does not exist is a 404 NotFound, one whose address refuses or does not answer (5 s)
   a 503 `ServiceUnavailable` whose message starts "error trying to reach service", as the real
   proxy says. Only plain HTTP and GET (what `isthmus-ctl proxy-status` uses).
+- Namespace objects are served (`/api/v1/namespaces[/NAME]`): kmock reads those paths as "inside a
+  namespace" and fails on them.
 - a server-side apply (PATCH with application/apply-patch+yaml) of an object that does not exist
   creates it, as the real API server does; kmock would answer 404. The apply itself is then a
   recursive merge of the sent fields: no managedFields, no field ownership, no conflicts.
@@ -44,9 +46,43 @@ RESOURCES = {
     "v1/secrets": ("Secret", True),
     "coordination.k8s.io/v1/leases": ("Lease", True),
     "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations": ("MutatingWebhookConfiguration", False),
+    # isthmus-ctl install / uninstall (ctl/tests/install_kmock.rs)
+    "v1/serviceaccounts": ("ServiceAccount", True),
+    "apps/v1/deployments": ("Deployment", True),
+    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),
+    "rbac.authorization.k8s.io/v1/clusterroles": ("ClusterRole", False),
+    "rbac.authorization.k8s.io/v1/clusterrolebindings": ("ClusterRoleBinding", False),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False),
+    # the controller's Istio inputs and its reports (ctl/tests/controller_kmock.rs); a test
+    # leaves some out with KMOCK_WITHOUT (comma-separated keys): a CRD that is not installed
+    "networking.istio.io/v1/virtualservices": ("VirtualService", True),
+    "networking.istio.io/v1/destinationrules": ("DestinationRule", True),
+    "networking.istio.io/v1/serviceentries": ("ServiceEntry", True),
+    "networking.istio.io/v1/sidecars": ("Sidecar", True),
+    "events.k8s.io/v1/events": ("Event", True),
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 versions = itertools.count(1)
+
+
+_parse_path = kmock._internal.parsing.parse_path
+
+
+def parse_path(path):
+    """kmock reads `/api/v1/namespaces[/NAME]` as "inside namespace NAME" (and fails on the bare
+    collection): here it is the Namespace resource, as the real API server has it."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
+        name = parts[3] if len(parts) > 3 else None
+        return kmock._internal.parsing.ParsedPath("", "v1", "namespaces", None, name, (parts[4:] or [None])[0])
+    return _parse_path(path)
+
+
+kmock._internal.parsing.parse_path = parse_path
 
 
 class Emulator(kmock.KubernetesEmulator):
