@@ -33,6 +33,7 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
     let registry = c.registry(&documents);
     let (subsets, policies) = c.subsets(&documents, &registry);
     let routes = c.virtual_services(&documents, &registry, &subsets);
+    let security = c.security(&documents);
     if !c.issues.is_empty() {
         return Err(ConfigError::Invalid(c.issues));
     }
@@ -147,7 +148,7 @@ pub fn compile(documents: Vec<Document>, version: String) -> Result<Snapshot, Co
             mesh_external: draft.mesh_external,
         }));
     }
-    Ok(Snapshot::new(version, services, policy))
+    Ok(Snapshot::new(version, services, policy).with_security(security))
 }
 
 /// Text shared by everything built from one service: its names and each endpoint's labels.
@@ -427,5 +428,8 @@ mod policy;
 mod registry;
 mod route_policy;
 mod routing;
+mod security;
+#[cfg(test)]
+mod security_tests;
 #[cfg(test)]
 mod tests;

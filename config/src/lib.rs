@@ -1,7 +1,7 @@
 //! isthmus-config: the config model shared by the proxy and the controller.
 //!
 //! Users and the controller write Istio API documents (ServiceEntry, VirtualService,
-//! DestinationRule, Sidecar); this crate parses them strictly ([`parse`]), validates and
+//! DestinationRule, Sidecar, PeerAuthentication, AuthorizationPolicy); this crate parses them strictly ([`parse`]), validates and
 //! compiles them ([`compile`]) into an immutable, pre-indexed [`Snapshot`] that the data path
 //! reads without locks. Nothing here touches the network; the only I/O is [`source`], which
 //! reads a ConfigMap directory the way kubelet lays it out.
@@ -26,6 +26,10 @@ pub use snapshot::{
     Labels, LoadBalancer, Mirror, OutboundPolicy, OutlierDetection, Protocol, Redirect,
     RetryBudget, RetryOn, RetryPolicy, Rewrite, Service, ServicePort, Snapshot, StringMatch,
     TcpKeepalive, TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
+};
+pub use snapshot::{
+    Decision, HeaderLookup, HttpRequest, MtlsMode, Request, RuleRef, Verdict, Workload,
+    DEFAULT_ROOT_NAMESPACE,
 };
 pub use source::SourceFile;
 

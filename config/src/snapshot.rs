@@ -12,20 +12,27 @@ use serde_json::{json, Value};
 use crate::net::IpNet;
 use crate::CLUSTER_DOMAIN;
 
+pub(crate) mod authz;
+pub(crate) mod authz_match;
 mod http;
 mod load;
+pub(crate) mod peer_auth;
 mod policy;
+pub(crate) mod security;
 
+pub use authz::{Decision, HeaderLookup, HttpRequest, Request, RuleRef, Verdict};
 pub use http::{
     Abort, CorsPolicy, DerivePort, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOps,
     HttpAction, HttpDestination, HttpMatch, HttpRoute, Mirror, Redirect, RetryOn, RetryPolicy,
     Rewrite, StringMatch,
 };
 pub use load::{now_ms, ClusterLoad, EndpointLoad};
+pub use peer_auth::MtlsMode;
 pub use policy::{
     ConnectionPool, ConsistentHash, H2Upgrade, HashAlgorithm, HashKey, LoadBalancer,
     OutlierDetection, RetryBudget, TcpKeepalive, TrafficPolicy,
 };
+pub use security::{Workload, DEFAULT_ROOT_NAMESPACE};
 
 /// What happens to outbound traffic whose destination is not in the registry (Istio's
 /// `outboundTrafficPolicy.mode`).
@@ -56,6 +63,7 @@ pub struct Snapshot {
     /// that an inbound connection to a port declared opaque is not sniffed.
     inbound_l7: HashMap<SocketAddr, L7>,
     outbound_policy: OutboundPolicy,
+    security: security::Security,
 }
 
 impl Snapshot {
@@ -119,7 +127,20 @@ impl Snapshot {
             by_endpoint_ip,
             inbound_l7,
             outbound_policy,
+            security: security::Security::default(),
         }
+    }
+
+    pub(crate) fn with_security(mut self, security: security::Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// Sets the mesh root namespace (default [`DEFAULT_ROOT_NAMESPACE`]): its policies
+    /// without a selector apply mesh-wide.
+    pub fn with_root_namespace(mut self, namespace: &str) -> Self {
+        self.security.root_namespace = namespace.into();
+        self
     }
 
     /// The config of an empty directory: no services, everything passes through.

@@ -8,9 +8,11 @@ use serde::Deserialize;
 
 mod http;
 mod policy;
+mod security;
 
 pub use http::*;
 pub use policy::*;
+pub use security::*;
 
 /// Kubernetes object metadata. Bookkeeping fields that `kubectl get -o yaml` emits are
 /// accepted so that objects copied from a cluster load unchanged.
@@ -24,8 +26,10 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
-    #[serde(default, rename = "creationTimestamp")]
-    pub _creation_timestamp: Option<serde::de::IgnoredAny>,
+    /// Read for Istio's "oldest wins" among PeerAuthentications (RFC 3339, as the API server
+    /// writes it).
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
     #[serde(default, rename = "resourceVersion")]
     pub _resource_version: Option<serde::de::IgnoredAny>,
     #[serde(default, rename = "uid")]
