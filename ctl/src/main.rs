@@ -13,6 +13,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (the controller's flags) costs
+// nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// A mesh on this machine, pods as network namespaces (needs root and iptables).
@@ -98,7 +101,7 @@ enum Command {
     /// cluster from the in-cluster service account or KUBECONFIG.
     Controller {
         /// Watch only these namespaces (repeatable); they are then the meshed ones. Default:
-        /// all, a namespace being meshed when it holds an injected pod or a routing ConfigMap.
+        /// all, a namespace being meshed when it holds an injected pod.
         #[arg(long = "namespace", value_name = "NS")]
         namespaces: Vec<String>,
         /// `/healthz`, `/readyz` and `/metrics` (istiod's monitoring port).
@@ -107,12 +110,21 @@ enum Command {
         /// Quiet time after a change before the registry is recomputed.
         #[arg(long, value_name = "MS", default_value_t = 200)]
         debounce_ms: u64,
-        /// The routing ConfigMap the injector mounts beside the registry.
+        /// The routing ConfigMap the controller writes from the Istio resources (the injector
+        /// mounts it beside the registry).
         #[arg(long, value_name = "NAME", default_value = "isthmus-config")]
         config_map: String,
         /// The ConfigMap the registry is written to.
         #[arg(long, value_name = "NAME", default_value = "isthmus-registry")]
         registry_config_map: String,
+        /// The mesh root namespace: its Sidecar without workloadSelector is the default of
+        /// every namespace that has none.
+        #[arg(long, value_name = "NS", default_value = "isthmus-system")]
+        root_namespace: String,
+        /// How long a namespace must have no injected pod before the controller deletes its
+        /// ConfigMaps there.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        gc_grace_secs: u64,
         #[command(flatten)]
         replicas: ReplicaFlags,
     },
@@ -225,6 +237,8 @@ fn main() -> ExitCode {
             debounce_ms,
             config_map,
             registry_config_map,
+            root_namespace,
+            gc_grace_secs,
             replicas,
         } => replicas.options().and_then(|(leader_election, webhook)| {
             controller(isthmus_ctl::controller::Options {
@@ -233,6 +247,8 @@ fn main() -> ExitCode {
                 debounce: std::time::Duration::from_millis(debounce_ms),
                 routing_config_map: config_map,
                 registry_config_map,
+                root_namespace,
+                gc_grace: std::time::Duration::from_secs(gc_grace_secs),
                 leader_election,
                 webhook,
                 ..isthmus_ctl::controller::Options::default()

@@ -1,21 +1,25 @@
 //! The controller against kmock, a Kubernetes API emulator served over HTTP on loopback
 //! (`kmock_apiserver.py` beside this file says exactly what it emulates and what it does not):
-//! Services, EndpointSlices, Pods and a routing ConfigMap are created through the API, the
-//! controller (in-process, its real kube-rs client and watchers) writes the registry ConfigMap
-//! with server-side apply, and the test reads it back and loads it as a sidecar would.
+//! Services, EndpointSlices, Pods, Istio custom objects and routing ConfigMaps are created
+//! through the API, the controller (in-process, its real kube-rs client and watchers) writes
+//! the routing and registry ConfigMaps with server-side apply and reports invalid resources as
+//! Events, and the test reads them back and loads them as a sidecar would.
 //! Skipped, with the reason, where no Python with kmock is found (scripts/setup-kmock.sh).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_config::SourceFile;
 use isthmus_ctl::controller::{
-    Controller, Options, REGISTRY_HASH_ANNOTATION, REGISTRY_KEY, VERSION_ANNOTATION,
+    Controller, ControllerError, Options, Status, ISTIO_CONFIG_LABEL, REGISTRY_HASH_ANNOTATION,
+    REGISTRY_KEY, ROUTING_KEY, VERSION_ANNOTATION,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde_json::{json, Value};
@@ -66,10 +70,13 @@ struct Kmock {
 }
 
 impl Kmock {
-    fn start(python: &str) -> Kmock {
+    /// An API server without the resources named (comma-separated, as in RESOURCES): a CRD
+    /// that is not installed.
+    fn start(python: &str, without: &str) -> Kmock {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock_apiserver.py");
         let mut child = Command::new(python)
             .arg(script)
+            .env("KMOCK_WITHOUT", without)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -110,6 +117,18 @@ impl Drop for Kmock {
     }
 }
 
+/// kmock without the resources named (comma-separated, as in RESOURCES) and a client of it;
+/// `None`, with the test recorded as skipped, where no Python has kmock.
+async fn start_kmock(without: &str) -> Option<(Kmock, Client)> {
+    let Some(python) = kmock_python() else {
+        skip("no Python with kmock (run scripts/setup-kmock.sh, or set ISTHMUS_KMOCK_PYTHON)");
+        return None;
+    };
+    let kmock = Kmock::start(&python, without);
+    let client = kmock.client().await;
+    Some((kmock, client))
+}
+
 fn pod(name: &str, hash: &str, ip_label: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -143,7 +162,42 @@ fn slice(second_ready: bool) -> EndpointSlice {
     .unwrap()
 }
 
+/// A ConfigMap whose documents are routing input of its namespace.
+fn istio_config_map(ns: &str, name: &str, yaml: &str) -> ConfigMap {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns, "labels": {ISTIO_CONFIG_LABEL: "true"}},
+        "data": {"mesh.yaml": yaml},
+    }))
+    .unwrap()
+}
+
 const ROUTING: &str = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n";
+
+/// The controller, in this process, until [`Running::stop`].
+struct Running {
+    status: Arc<Status>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ControllerError>>,
+}
+
+fn run_controller(client: &Client, options: Options) -> Running {
+    let controller = Controller::new(client.clone(), options);
+    let status = controller.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+    Running { status, stop, task }
+}
+
+impl Running {
+    /// Stops it and checks it stopped cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
 
 async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -184,12 +238,9 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_configmap_follows_services_endpoints_and_pods() {
-    let Some(python) = kmock_python() else {
-        skip("no Python with kmock (run scripts/setup-kmock.sh, or set ISTHMUS_KMOCK_PYTHON)");
+    let Some((_kmock, client)) = start_kmock("").await else {
         return;
     };
-    let kmock = Kmock::start(&python);
-    let client = kmock.client().await;
     let pp = PostParams::default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
     pods.create(&pp, &pod("web-5f6d-a", "5f6d", "v1"))
@@ -220,16 +271,15 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
     slices.create(&pp, &slice(false)).await.unwrap();
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
-    let routing: ConfigMap = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "isthmus-config", "namespace": "shop"},
-        "data": {"mesh.yaml": ROUTING},
-    }))
-    .unwrap();
-    config_maps.create(&pp, &routing).await.unwrap();
+    // The user's routing: a labelled ConfigMap, whose documents the controller writes into
+    // the namespace's isthmus-config.
+    config_maps
+        .create(&pp, &istio_config_map("shop", "routes", ROUTING))
+        .await
+        .unwrap();
 
-    let controller = Controller::new(
-        client.clone(),
+    let controller = run_controller(
+        &client,
         Options {
             monitoring: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(50),
@@ -238,11 +288,7 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
             ..Options::default()
         },
     );
-    let status = controller.status();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
+    let status = controller.status.clone();
 
     // 1. The registry appears, loads as a sidecar loads it, and its version annotation is the
     //    version that sidecar reports.
@@ -251,6 +297,10 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     })
     .await;
     let routing = config_maps.get("isthmus-config").await.unwrap();
+    assert!(
+        routing.data.as_ref().unwrap()[ROUTING_KEY].contains("REGISTRY_ONLY"),
+        "the labelled ConfigMap's Sidecar is in the routing config"
+    );
     let files = sidecar_files(&routing, &registry);
     let snapshot = isthmus_config::load(&files).unwrap();
     let annotations = registry.metadata.annotations.clone().unwrap();
@@ -295,14 +345,14 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         .starts_with("HTTP/1.1 200"));
     let metrics = http_get(monitoring, "/metrics").await;
     assert!(
-        metrics.contains("isthmus_controller_configmap_writes_total{result=\"ok\"} 1"),
-        "{metrics}"
+        metrics.contains("isthmus_controller_configmap_writes_total{result=\"ok\"} 2"),
+        "routing and registry: {metrics}"
     );
     assert!(
         metrics.contains("isthmus_controller_configmap_bytes{"),
         "{metrics}"
     );
-    assert_eq!(status.writes(), 1);
+    assert_eq!(status.writes(), 2);
 
     // 2. An endpoint becomes ready: only the registry ConfigMap is written.
     slices
@@ -323,9 +373,10 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     assert_ne!(rv(&registry2), rv(&registry));
     assert_eq!(
         rv(&config_maps.get("isthmus-config").await.unwrap()),
-        rv(&routing)
+        rv(&routing),
+        "an endpoint change does not rewrite routing"
     );
-    assert_eq!(status.writes(), 2);
+    assert_eq!(status.writes(), 3);
     let files = sidecar_files(&routing, &registry2);
     let snapshot = isthmus_config::load(&files).unwrap();
     assert_eq!(
@@ -346,7 +397,7 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         (status.reconciles() > reconciles).then_some(())
     })
     .await;
-    assert_eq!(status.writes(), 2, "unchanged registry written again");
+    assert_eq!(status.writes(), 3, "unchanged registry written again");
     assert_eq!(
         rv(&config_maps.get("isthmus-registry").await.unwrap()),
         rv(&registry2)
@@ -355,7 +406,7 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     // 4. Routing changes: registry.json is unchanged, the version sidecars will report is not.
     config_maps
         .patch(
-            "isthmus-config",
+            "routes",
             &PatchParams::default(),
             &Patch::Merge(
                 json!({"data": {"mesh.yaml": ROUTING.replace("REGISTRY_ONLY", "ALLOW_ANY")}}),
@@ -363,7 +414,13 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         )
         .await
         .unwrap();
-    let routing3 = config_maps.get("isthmus-config").await.unwrap();
+    let routing3 = wait_for("the new routing", async || {
+        let cm = config_maps.get("isthmus-config").await.unwrap();
+        cm.data.as_ref().unwrap()[ROUTING_KEY]
+            .contains("ALLOW_ANY")
+            .then_some(cm)
+    })
+    .await;
     let expected = isthmus_config::source::version_of(&sidecar_files(&routing3, &registry2));
     let registry3 = wait_for("the new version", async || {
         let cm = config_maps.get("isthmus-registry").await.unwrap();
@@ -395,7 +452,7 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
             .then_some(())
     })
     .await;
-    assert_eq!(status.writes(), 3);
+    assert_eq!(status.writes(), 5);
     assert_eq!(
         rv(&config_maps.get("isthmus-registry").await.unwrap()),
         rv(&registry3)
@@ -411,7 +468,7 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     .await;
     assert_eq!(
         status.writes(),
-        3,
+        5,
         "back to what is there: nothing to write"
     );
 
@@ -425,8 +482,269 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     })
     .await;
     assert_eq!(restored.data, registry3.data);
-    assert_eq!(status.writes(), 4);
+    assert_eq!(status.writes(), 6);
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    controller.stop().await;
+}
+
+fn networking(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn custom_object(resource: &ApiResource, ns: &str, name: &str, spec: Value) -> DynamicObject {
+    let mut object = DynamicObject::new(name, resource).within(ns);
+    object.data = json!({"spec": spec});
+    object
+}
+
+/// The documents of a routing ConfigMap's `config.json`, as `Kind namespace/name`.
+fn routing_documents(cm: &ConfigMap) -> Vec<String> {
+    cm.data.as_ref().unwrap()[ROUTING_KEY]
+        .lines()
+        .map(|l| {
+            let d: Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{} {}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["namespace"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_configmap_is_written_from_istio_objects_and_invalid_ones_become_events() {
+    let Some((_kmock, client)) = start_kmock("").await else {
+        return;
+    };
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    pods.create(&pp, &pod("web-5f6d-a", "5f6d", "v1"))
+        .await
+        .unwrap();
+    let reviews: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "http", "port": 9080}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), "shop")
+        .create(&pp, &reviews)
+        .await
+        .unwrap();
+    let vs = networking("VirtualService", "virtualservices");
+    let shop_vs: Api<DynamicObject> = Api::namespaced_with(client.clone(), "shop", &vs);
+    let route = |host: &str| json!({"hosts": [host], "http": [{"route": [{"destination": {"host": host}}]}]});
+    shop_vs
+        .create(
+            &pp,
+            &custom_object(&vs, "shop", "reviews", route("reviews")),
+        )
+        .await
+        .unwrap();
+    // Not for shop: a VirtualService kept to its own namespace.
+    Api::<DynamicObject>::namespaced_with(client.clone(), "data", &vs)
+        .create(
+            &pp,
+            &custom_object(
+                &vs,
+                "data",
+                "private",
+                json!({"hosts": ["reviews.shop.svc.cluster.local"], "exportTo": ["."],
+                       "http": [{"route": [{"destination": {"host": "reviews.shop.svc.cluster.local"}}]}]}),
+            ),
+        )
+        .await
+        .unwrap();
+    // The mesh-wide default Sidecar, in the root namespace.
+    let sidecar = networking("Sidecar", "sidecars");
+    Api::<DynamicObject>::namespaced_with(client.clone(), "isthmus-system", &sidecar)
+        .create(
+            &pp,
+            &custom_object(
+                &sidecar,
+                "isthmus-system",
+                "default",
+                json!({"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // A user's routing ConfigMap that is not the controller's: never deleted by it.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    config_maps
+        .create(&pp, &istio_config_map("shop", "routes", ""))
+        .await
+        .unwrap();
+
+    let controller = run_controller(
+        &client,
+        Options {
+            monitoring: "127.0.0.1:0".parse().unwrap(),
+            debounce: Duration::from_millis(50),
+            gc_grace: Duration::from_millis(300),
+            ..Options::default()
+        },
+    );
+    let status = controller.status.clone();
+
+    // 1. The custom object is in shop's routing config, with the root namespace's Sidecar and
+    //    without what data keeps to itself; routing and registry load as a sidecar loads them.
+    let routing = wait_for("the routing ConfigMap", async || {
+        config_maps.get_opt("isthmus-config").await.unwrap()
+    })
+    .await;
+    assert_eq!(
+        routing_documents(&routing),
+        [
+            "Sidecar isthmus-system/default",
+            "VirtualService shop/reviews"
+        ]
+    );
+    let registry = wait_for("the registry ConfigMap", async || {
+        config_maps.get_opt("isthmus-registry").await.unwrap()
+    })
+    .await;
+    let snapshot = isthmus_config::load(&sidecar_files(&routing, &registry)).unwrap();
+    assert_eq!(
+        registry.metadata.annotations.as_ref().unwrap()[VERSION_ANNOTATION],
+        snapshot.version()
+    );
+    wait_for("ready", async || status.ready().then_some(())).await;
+
+    // 2. An invalid VirtualService: left out (the ConfigMap is not rewritten), reported as a
+    //    Warning Event regarding it whose note names the field, and counted.
+    let writes = status.writes();
+    shop_vs
+        .create(
+            &pp,
+            &custom_object(
+                &vs,
+                "shop",
+                "broken",
+                json!({"hosts": ["reviews"], "http": [{"route": [
+                    {"destination": {"host": "reviews", "subset": "v9"}}]}]}),
+            ),
+        )
+        .await
+        .unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), "shop");
+    let event = wait_for("the Event", async || {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken"))
+    })
+    .await;
+    let regarding = event.regarding.unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("VirtualService"));
+    assert_eq!(
+        regarding.api_version.as_deref(),
+        Some("networking.istio.io/v1")
+    );
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reason.as_deref(), Some("InvalidConfig"));
+    let note = event.note.unwrap();
+    assert!(
+        note.starts_with("spec.http[0].route[0].destination.subset"),
+        "{note}"
+    );
+    let monitoring = status.monitoring_addr().unwrap();
+    // Counted in the same reconcile, just after the Event.
+    wait_for("the invalid_resources gauge", async || {
+        http_get(monitoring, "/metrics")
+            .await
+            .contains("isthmus_controller_invalid_resources{kind=\"VirtualService\"} 1")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        status.writes(),
+        writes,
+        "nothing rewritten {}",
+        http_get(monitoring, "/metrics").await
+    );
+    assert_eq!(
+        rv(&config_maps.get("isthmus-config").await.unwrap()),
+        rv(&routing)
+    );
+    // Reported once, not on every reconcile.
+    let reconciles = status.reconciles();
+    pods.patch(
+        "web-5f6d-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"note": "touched"}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("a reconcile", async || {
+        (status.reconciles() > reconciles).then_some(())
+    })
+    .await;
+    let reported = events.list(&Default::default()).await.unwrap().items.len();
+    assert_eq!(reported, 1, "one Event for one problem");
+
+    // 3. The namespace leaves the mesh (its last injected pod goes): after the grace, the
+    //    controller's ConfigMaps there are deleted; the user's stays.
+    pods.delete("web-5f6d-a", &Default::default())
+        .await
+        .unwrap();
+    wait_for("the managed ConfigMaps deleted", async || {
+        let left = config_maps.list(&Default::default()).await.unwrap();
+        let names: Vec<String> = left
+            .items
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap())
+            .collect();
+        (names == ["routes"]).then_some(())
+    })
+    .await;
+
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_istio_crd_does_not_block_readiness() {
+    let Some((_kmock, client)) =
+        start_kmock("networking.istio.io/v1/sidecars,networking.istio.io/v1/destinationrules")
+            .await
+    else {
+        return;
+    };
+    let pp = PostParams::default();
+    Api::<Pod>::namespaced(client.clone(), "shop")
+        .create(&pp, &pod("web-5f6d-a", "5f6d", "v1"))
+        .await
+        .unwrap();
+    // The ConfigMap path stands in for the missing kinds.
+    Api::<ConfigMap>::namespaced(client.clone(), "shop")
+        .create(&pp, &istio_config_map("shop", "routes", ROUTING))
+        .await
+        .unwrap();
+    let controller = run_controller(
+        &client,
+        Options {
+            monitoring: "127.0.0.1:0".parse().unwrap(),
+            debounce: Duration::from_millis(50),
+            ..Options::default()
+        },
+    );
+    let status = controller.status.clone();
+    wait_for("ready", async || status.ready().then_some(())).await;
+    let routing = Api::<ConfigMap>::namespaced(client.clone(), "shop")
+        .get("isthmus-config")
+        .await
+        .unwrap();
+    assert_eq!(routing_documents(&routing), ["Sidecar shop/default"]);
+    controller.stop().await;
 }

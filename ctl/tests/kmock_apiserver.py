@@ -31,6 +31,7 @@ Prints the port it listens on (127.0.0.1) and serves until its stdin closes.
 """
 import asyncio
 import itertools
+import os
 import sys
 
 import aiohttp
@@ -187,7 +188,10 @@ class Emulator(kmock.KubernetesEmulator):
 
 async def main():
     emulator = Emulator()
+    without = set(filter(None, os.environ.get("KMOCK_WITHOUT", "").split(",")))
     for resource, (kind, namespaced) in RESOURCES.items():
+        if resource in without:
+            continue
         emulator.resources[resource] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS, singular=kind.lower())
     async with emulator as handler, kmock.Server(handler) as server:
         print(server.port, flush=True)

@@ -1,42 +1,49 @@
-//! `isthmus-ctl controller`: watches Services, EndpointSlices and Pods (kube-rs watchers into
-//! reflector stores, never polling), computes the registry ([`registry`], pure) and writes it
-//! into each meshed namespace's `isthmus-registry` ConfigMap with server-side apply — only when
-//! its content changed, debounced.
+//! `isthmus-ctl controller`: watches Services, EndpointSlices, Pods and the Istio-API
+//! resources (kube-rs watchers into reflector stores, never polling), computes each meshed
+//! namespace's routing config ([`desired`], pure) and registry ([`registry`], pure) and writes
+//! them into the namespace's `isthmus-config` and `isthmus-registry` ConfigMaps with
+//! server-side apply — only when their content changed, debounced.
 //!
 //! Layout (docs/ARCHITECTURE.md, "The controller"): routing and endpoints live in two
-//! ConfigMaps, `isthmus-config` (routing: Istio documents; user-written until the routing slice
-//! has the controller write it from the Istio CRDs) and `isthmus-registry` (this controller's,
-//! one key `registry.json`). The injector mounts both as one projected volume, so the sidecar
-//! still reads one directory, and an endpoint change never rewrites routing. The registry
-//! ConfigMap carries, in `isthmus.io/config-version`, the version the namespace's sidecars
-//! report once both have propagated: `version_of` over the two ConfigMaps' files, exactly as
-//! the sidecar hashes its directory (`proxy-status` compares the two).
+//! ConfigMaps, `isthmus-config` (routing: the Istio documents that apply to the namespace, key
+//! `config.json`) and `isthmus-registry` (one `ServiceEntry` per Service the namespace sees, key
+//! `registry.json`). The injector mounts both as one projected volume, so the sidecar still
+//! reads one directory, and an endpoint change never rewrites routing. The registry ConfigMap
+//! carries, in `isthmus.io/config-version`, the version the namespace's sidecars report once
+//! both have propagated: `version_of` over the two ConfigMaps' files, exactly as the sidecar
+//! hashes its directory (`proxy-status` compares the two).
 //!
-//! Scope of this slice: every meshed namespace gets the services of every watched namespace
-//! (Istio's default `exportTo: "*"`); `exportTo`, the Istio CRDs, the 1 MiB split, leader
-//! election and garbage collection of ConfigMaps of namespaces that left the mesh come later.
+//! Inputs ([`istio`]): the `networking.istio.io/v1` custom objects and the documents of
+//! ConfigMaps labelled `isthmus.io/istio-config: "true"`. Visibility follows Istio's `exportTo`
+//! (objects) and `networking.istio.io/exportTo` (Services); the root namespace's `Sidecar` is
+//! the default. An invalid resource is left out and reported ([`events`]); a namespace whose
+//! assembled config would not compile keeps its last one. Managed ConfigMaps of a namespace
+//! that left the mesh are deleted after `gc_grace`.
 
 pub mod admission;
 pub mod certs;
+pub mod desired;
+mod events;
+pub mod istio;
 pub mod lease;
+mod reconcile;
 pub mod registry;
 pub mod scope;
 mod serve;
 pub mod split;
 pub mod webhook;
+mod write;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use isthmus_config::SourceFile;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -48,7 +55,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::inject::STATUS_ANNOTATION;
+use reconcile::Memory;
 
 /// The field manager of every write (server-side apply).
 pub const FIELD_MANAGER: &str = "isthmus-controller";
@@ -58,6 +65,12 @@ pub const REGISTRY_KEY: &str = "registry.json";
 pub const VERSION_ANNOTATION: &str = "isthmus.io/config-version";
 /// The content hash of `registry.json` alone: what decides whether to write.
 pub const REGISTRY_HASH_ANNOTATION: &str = "isthmus.io/registry-hash";
+/// The content hash of the routing ConfigMap's `config.json`: what decides whether to write.
+pub const ROUTING_HASH_ANNOTATION: &str = "isthmus.io/routing-hash";
+/// The label on every ConfigMap this controller writes (and may delete).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub use desired::ROUTING_KEY;
+pub use istio::ISTIO_CONFIG_LABEL;
 
 /// What the controller watches and writes.
 #[derive(Debug, Clone)]
@@ -70,10 +83,18 @@ pub struct Options {
     /// Quiet time after a change before the registry is recomputed: a rollout's burst of
     /// endpoint changes becomes one write.
     pub debounce: Duration,
-    /// The routing ConfigMap (read: its files are part of the version sidecars report).
+    /// The routing ConfigMap this controller writes (key `config.json`).
     pub routing_config_map: String,
-    /// The ConfigMap this controller writes.
+    /// The registry ConfigMap this controller writes (key `registry.json`).
     pub registry_config_map: String,
+    /// The mesh root namespace: its `Sidecar` without `workloadSelector` is the default of
+    /// namespaces that have none.
+    pub root_namespace: String,
+    /// How long a namespace must be out of the mesh (no injected pod) before its managed
+    /// ConfigMaps are deleted: a rollout replacing every pod keeps them.
+    pub gc_grace: Duration,
+    /// `reportingInstance` of the Events (the pod's name: `$POD_NAME`, else `$HOSTNAME`).
+    pub instance: String,
     /// A registry larger than this is not written (the API server refuses ConfigMaps over
     /// 1 MiB): the namespace keeps its last registry and the error is logged and counted.
     pub max_registry_bytes: usize,
@@ -97,6 +118,11 @@ impl Default for Options {
             // The 1 MiB limit less room for the metadata and annotations.
             max_registry_bytes: 1024 * 1024 - 4096,
             resync: Duration::from_secs(300),
+            root_namespace: "isthmus-system".into(),
+            gc_grace: Duration::from_secs(60),
+            instance: std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| FIELD_MANAGER.into()),
             leader_election: None,
             webhook: None,
         }
@@ -162,6 +188,11 @@ struct KindLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceKindLabel {
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConfigMapLabels {
     namespace: String,
     configmap: String,
@@ -176,6 +207,8 @@ struct Metrics {
     configmap_bytes: Family<ConfigMapLabels, Gauge>,
     services: Gauge,
     endpoints: Gauge,
+    invalid_resources: Family<ResourceKindLabel, Gauge>,
+    routing_conflicts: Gauge,
 }
 
 impl Default for Metrics {
@@ -188,6 +221,8 @@ impl Default for Metrics {
             configmap_bytes: Family::default(),
             services: Gauge::default(),
             endpoints: Gauge::default(),
+            invalid_resources: Family::default(),
+            routing_conflicts: Gauge::default(),
         }
     }
 }
@@ -230,12 +265,24 @@ impl Metrics {
             "Ready endpoints in the registry",
             self.endpoints.clone(),
         );
+        r.register(
+            "invalid_resources",
+            "Istio resources left out of a namespace's config because they are invalid there (each reported as an Event), by kind",
+            self.invalid_resources.clone(),
+        );
+        r.register(
+            "routing_conflicts",
+            "Namespaces whose assembled routing config does not compile with their registry (they keep the last one written)",
+            self.routing_conflicts.clone(),
+        );
     }
 }
 
 /// What was last written (or found) in one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Written {
+    /// `None`: no routing config could be assembled and none was there.
+    routing_hash: Option<String>,
     registry_hash: String,
     version: String,
 }
@@ -245,7 +292,11 @@ struct Stores {
     services: Vec<Store<Service>>,
     slices: Vec<Store<EndpointSlice>>,
     pods: Vec<Store<Pod>>,
-    config_maps: Vec<Store<ConfigMap>>,
+    /// ConfigMaps labelled `isthmus.io/istio-config: "true"`: routing input.
+    istio_config_maps: Vec<Store<ConfigMap>>,
+    /// The ConfigMaps this controller wrote: the last routing config, and what to delete.
+    managed: Vec<Store<ConfigMap>>,
+    istio: Vec<istio::KindStores>,
 }
 
 /// The controller: build with [`Controller::new`], read its [`Status`], [`Controller::run`] it.
@@ -311,18 +362,28 @@ impl Controller {
 
         let notify = Arc::new(Notify::new());
         let stores = Stores {
-            services: self.watch::<Service>("Service", &notify, None),
-            slices: self.watch::<EndpointSlice>("EndpointSlice", &notify, None),
-            pods: self.watch::<Pod>("Pod", &notify, None),
-            // Only the routing ConfigMap matters (its files are part of the version); the
-            // field selector keeps the others off the wire.
-            config_maps: self.watch::<ConfigMap>(
+            services: self.watch::<Service>("Service", &notify, watcher::Config::default()),
+            slices: self.watch::<EndpointSlice>(
+                "EndpointSlice",
+                &notify,
+                watcher::Config::default(),
+            ),
+            pods: self.watch::<Pod>("Pod", &notify, watcher::Config::default()),
+            istio_config_maps: self.watch::<ConfigMap>(
                 "ConfigMap",
                 &notify,
-                Some(&format!(
-                    "metadata.name={}",
-                    self.options.routing_config_map
-                )),
+                watcher::Config::default().labels(&format!("{ISTIO_CONFIG_LABEL}=true")),
+            ),
+            managed: self.watch::<ConfigMap>(
+                "ConfigMap",
+                &notify,
+                watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}")),
+            ),
+            istio: istio::watch_kinds(
+                &self.client,
+                &self.options.namespaces,
+                &notify,
+                &self.status,
             ),
         };
         tokio::pin!(shutdown);
@@ -330,8 +391,8 @@ impl Controller {
             synced = stores.wait_until_ready() => synced?,
             () = &mut shutdown => return Ok(()),
         }
-        tracing::info!("watchers synced: computing the registry");
-        let mut written: HashMap<String, Written> = HashMap::new();
+        tracing::info!("watchers synced: computing the namespaces' configs");
+        let mut written = Memory::default();
         let mut resync = tokio::time::interval(self.options.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
@@ -347,6 +408,14 @@ impl Controller {
                 }
             }
             let retry = !self.reconcile(&stores, &mut written).await;
+            if let Some(due) = written.gc_due.take() {
+                // A namespace's grace ends then: reconcile again without waiting for a change.
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(due).await;
+                    notify.notify_one();
+                });
+            }
             if retry {
                 // Errors are retried without waiting for a change.
                 notify.notify_one();
@@ -379,7 +448,7 @@ impl Controller {
         &self,
         kind: &'static str,
         notify: &Arc<Notify>,
-        fields: Option<&str>,
+        config: watcher::Config,
     ) -> Vec<Store<K>>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -400,10 +469,6 @@ impl Controller {
                 .map(|ns| Api::namespaced(self.client.clone(), ns))
                 .collect()
         };
-        let config = match fields {
-            Some(fields) => watcher::Config::default().fields(fields),
-            None => watcher::Config::default(),
-        };
         apis.into_iter()
             .map(|api| {
                 let (reader, writer) = reflector::store();
@@ -416,178 +481,6 @@ impl Controller {
                 reader
             })
             .collect()
-    }
-
-    /// Computes the registry and applies it where it changed. Returns false when a write
-    /// failed (the reconcile is retried).
-    async fn reconcile(&self, stores: &Stores, written: &mut HashMap<String, Written>) -> bool {
-        let started = Instant::now();
-        let services = state(&stores.services);
-        let slices = state(&stores.slices);
-        let pods = state(&stores.pods);
-        let config_maps = state(&stores.config_maps);
-        let text = registry::registry_json(
-            &services.iter().map(Arc::as_ref).collect::<Vec<_>>(),
-            &slices.iter().map(Arc::as_ref).collect::<Vec<_>>(),
-            &pods.iter().map(Arc::as_ref).collect::<Vec<_>>(),
-        );
-        let metrics = &self.status.metrics;
-        metrics.services.set(text.lines().count() as i64);
-        metrics
-            .endpoints
-            .set(text.matches("\"address\":").count() as i64);
-        let registry_file = SourceFile::new(REGISTRY_KEY, text);
-        let registry_hash =
-            isthmus_config::source::version_of(std::slice::from_ref(&registry_file));
-
-        let routing: HashMap<&str, &ConfigMap> = config_maps
-            .iter()
-            .filter(|cm| cm.metadata.name.as_deref() == Some(&self.options.routing_config_map))
-            .filter_map(|cm| Some((cm.metadata.namespace.as_deref()?, cm.as_ref())))
-            .collect();
-        let meshed: BTreeSet<String> = if self.options.namespaces.is_empty() {
-            pods.iter()
-                .filter(|p| {
-                    p.metadata
-                        .annotations
-                        .as_ref()
-                        .is_some_and(|a| a.contains_key(STATUS_ANNOTATION))
-                })
-                .filter_map(|p| p.metadata.namespace.clone())
-                .chain(routing.keys().map(|ns| (*ns).to_owned()))
-                .collect()
-        } else {
-            self.options.namespaces.iter().cloned().collect()
-        };
-
-        let mut ok = true;
-        for ns in &meshed {
-            let mut files = routing_files(routing.get(ns.as_str()).copied());
-            files.retain(|f| f.name != REGISTRY_KEY);
-            files.push(registry_file.clone());
-            files.sort_by(|a, b| a.name.cmp(&b.name));
-            let desired = Written {
-                registry_hash: registry_hash.clone(),
-                version: isthmus_config::source::version_of(&files),
-            };
-            if written.get(ns) == Some(&desired) {
-                continue;
-            }
-            if registry_file.text.len() > self.options.max_registry_bytes {
-                // Not retried until the registry changes: remembered as if written.
-                metrics
-                    .writes
-                    .get_or_create(&ResultLabel {
-                        result: "too_large",
-                    })
-                    .inc();
-                tracing::error!(namespace = %ns, bytes = registry_file.text.len(), limit = self.options.max_registry_bytes,
-                    "the registry does not fit in one ConfigMap: not written, the namespace keeps its last registry \
-                     (watch fewer namespaces with --namespace; splitting and Sidecar scoping come later)");
-                written.insert(ns.clone(), desired);
-                continue;
-            }
-            if !self.leadership.is_leader() {
-                // Lost the Lease mid-reconcile: stop writing at once.
-                ok = false;
-                break;
-            }
-            match self.apply(ns, &registry_file, &desired).await {
-                Ok(()) => {
-                    written.insert(ns.clone(), desired);
-                }
-                Err(e) => {
-                    ok = false;
-                    tracing::warn!(namespace = %ns, error = %e, "writing the registry ConfigMap failed; retrying (may the controller patch configmaps there?)");
-                }
-            }
-        }
-        written.retain(|ns, _| meshed.contains(ns));
-        self.status.reconciles.fetch_add(1, Ordering::AcqRel);
-        metrics
-            .reconciles
-            .get_or_create(&ResultLabel {
-                result: if ok { "ok" } else { "error" },
-            })
-            .inc();
-        metrics.duration.observe(started.elapsed().as_secs_f64());
-        ok
-    }
-
-    /// Writes one namespace's registry ConfigMap with server-side apply — unless what is
-    /// there already carries the desired hashes (a restarted controller rewrites nothing).
-    async fn apply(
-        &self,
-        ns: &str,
-        registry_file: &SourceFile,
-        desired: &Written,
-    ) -> Result<(), kube::Error> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let name = &self.options.registry_config_map;
-        let current = api.get_opt(name).await?;
-        let annotations = current
-            .as_ref()
-            .and_then(|cm| cm.metadata.annotations.as_ref());
-        let has = |key: &str, value: &str| {
-            annotations.and_then(|a| a.get(key)).map(String::as_str) == Some(value)
-        };
-        let bytes = registry_file.text.len() as i64;
-        let labels = ConfigMapLabels {
-            namespace: ns.to_owned(),
-            configmap: name.clone(),
-        };
-        if has(REGISTRY_HASH_ANNOTATION, &desired.registry_hash)
-            && has(VERSION_ANNOTATION, &desired.version)
-        {
-            self.status
-                .metrics
-                .configmap_bytes
-                .get_or_create(&labels)
-                .set(bytes);
-            return Ok(());
-        }
-        let config_map = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(ns.to_owned()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    FIELD_MANAGER.to_owned(),
-                )])),
-                annotations: Some(BTreeMap::from([
-                    (VERSION_ANNOTATION.to_owned(), desired.version.clone()),
-                    (
-                        REGISTRY_HASH_ANNOTATION.to_owned(),
-                        desired.registry_hash.clone(),
-                    ),
-                ])),
-                ..ObjectMeta::default()
-            },
-            data: Some(BTreeMap::from([(
-                REGISTRY_KEY.to_owned(),
-                registry_file.text.clone(),
-            )])),
-            ..ConfigMap::default()
-        };
-        let result = api
-            .patch(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&config_map),
-            )
-            .await;
-        let metrics = &self.status.metrics;
-        metrics
-            .writes
-            .get_or_create(&ResultLabel {
-                result: if result.is_ok() { "ok" } else { "error" },
-            })
-            .inc();
-        result?;
-        self.status.writes.fetch_add(1, Ordering::AcqRel);
-        metrics.configmap_bytes.get_or_create(&labels).set(bytes);
-        tracing::info!(namespace = %ns, version = %desired.version, bytes, "registry written");
-        Ok(())
     }
 }
 
@@ -609,7 +502,14 @@ impl Stores {
         all(&self.services, "services").await?;
         all(&self.slices, "endpointslices").await?;
         all(&self.pods, "pods").await?;
-        all(&self.config_maps, "configmaps").await
+        all(&self.istio_config_maps, "configmaps").await?;
+        all(&self.managed, "configmaps").await?;
+        for kind in &self.istio {
+            if !kind.wait_until_ready().await {
+                return Err(ControllerError::WatcherGone(kind.kind));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -640,18 +540,4 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     stores.iter().flat_map(Store::state).collect()
-}
-
-/// The routing ConfigMap's files as kubelet materialises them, restricted to the names the
-/// sidecar reads (`SourceFile::read_dir`).
-fn routing_files(config_map: Option<&ConfigMap>) -> Vec<SourceFile> {
-    config_map
-        .and_then(|cm| cm.data.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|(name, _)| {
-            !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
-        })
-        .map(|(name, text)| SourceFile::new(name.clone(), text.clone()))
-        .collect()
 }

@@ -3,7 +3,9 @@
 //! protocol, `resolution: STATIC`) whose endpoints are the ready addresses of the Service's
 //! EndpointSlices, labelled with their pod's labels, `isthmus.io/workload` and service account.
 //! No I/O here: the controller feeds it the reflector stores' contents, the tests feed it
-//! literals.
+//! literals. `ExternalName` Services become `resolution: DNS` entries to their external name;
+//! a Service's `networking.istio.io/exportTo` annotation decides which namespaces' registries
+//! hold it ([`registry_for`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -17,10 +19,47 @@ pub const WORKLOAD_LABEL: &str = "isthmus.io/workload";
 /// The label EndpointSlices name their Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// The Service annotation that limits which namespaces see it (Istio's: comma-separated,
+/// the values of `exportTo`).
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// One Service's line of the registry and who may see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryEntry {
+    pub namespace: String,
+    pub name: String,
+    /// From [`EXPORT_TO_ANNOTATION`]; empty means everyone.
+    pub export_to: Vec<String>,
+    /// The `ServiceEntry` as one line of JSON, with its newline.
+    pub line: String,
+}
+
 /// The registry file: one `ServiceEntry` JSON document per line (a JSON stream, the sidecar's
 /// fast path), sorted by namespace and name so that equal inputs give equal bytes — the
 /// content hash, and so the version every sidecar reports, depends on the inputs only.
 pub fn registry_json(services: &[&Service], slices: &[&EndpointSlice], pods: &[&Pod]) -> String {
+    registry_entries(services, slices, pods)
+        .iter()
+        .map(|e| e.line.as_str())
+        .collect()
+}
+
+/// The registry `consumer`'s sidecars get: the entries exported to it, in the same order.
+pub fn registry_for(entries: &[RegistryEntry], consumer: &str) -> String {
+    entries
+        .iter()
+        .filter(|e| super::desired::visible(&e.export_to, &e.namespace, consumer))
+        .map(|e| e.line.as_str())
+        .collect()
+}
+
+/// Every Service's registry entry, sorted by namespace and name; each is serialised once and
+/// shared by every namespace that sees it.
+pub fn registry_entries(
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    pods: &[&Pod],
+) -> Vec<RegistryEntry> {
     let pods: HashMap<(&str, &str), &Pod> = pods
         .iter()
         .filter_map(|p| {
@@ -45,7 +84,7 @@ pub fn registry_json(services: &[&Service], slices: &[&EndpointSlice], pods: &[&
             slices_of.entry((ns, svc.as_str())).or_default().push(slice);
         }
     }
-    let mut entries: BTreeMap<(&str, &str), Value> = BTreeMap::new();
+    let mut entries: BTreeMap<(&str, &str), RegistryEntry> = BTreeMap::new();
     for service in services {
         let (Some(ns), Some(name)) = (
             service.metadata.namespace.as_deref(),
@@ -55,15 +94,31 @@ pub fn registry_json(services: &[&Service], slices: &[&EndpointSlice], pods: &[&
         };
         let slices = slices_of.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
         if let Some(entry) = service_entry(service, ns, name, slices, &pods) {
-            entries.insert((ns, name), entry);
+            let export_to = service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(EXPORT_TO_ANNOTATION))
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            entries.insert(
+                (ns, name),
+                RegistryEntry {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    export_to,
+                    line: format!("{entry}\n"),
+                },
+            );
         }
     }
-    let mut out = String::new();
-    for entry in entries.values() {
-        out.push_str(&entry.to_string());
-        out.push('\n');
-    }
-    out
+    entries.into_values().collect()
 }
 
 fn service_entry(
@@ -74,9 +129,8 @@ fn service_entry(
     pods: &HashMap<(&str, &str), &Pod>,
 ) -> Option<Value> {
     let spec = service.spec.as_ref()?;
-    // ExternalName services resolve by DNS: a later slice (resolution DNS).
     if spec.type_.as_deref() == Some("ExternalName") {
-        return None;
+        return external_name(spec, ns, name);
     }
     let addresses: Vec<&str> = spec
         .cluster_ips
@@ -93,14 +147,9 @@ fn service_entry(
         });
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
-        let Ok(number) = u16::try_from(port.port) else {
+        let Some(mut p) = entry_port(port) else {
             continue;
         };
-        let port_name = port_name(port.name.as_deref(), number);
-        let mut p = json!({"number": number, "name": port_name});
-        if let Some(protocol) = protocol(port.app_protocol.as_deref(), &port_name, &port.protocol) {
-            p["protocol"] = json!(protocol);
-        }
         if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(target)) =
             port.target_port
         {
@@ -169,19 +218,65 @@ fn service_entry(
             }
         }
     }
-    Some(json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "ServiceEntry",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "hosts": [format!("{name}.{ns}.{CLUSTER_DOMAIN}")],
+    Some(document(
+        ns,
+        name,
+        json!({
             "addresses": addresses,
             "ports": ports,
             "location": "MESH_INTERNAL",
             "resolution": "STATIC",
             "endpoints": endpoints.into_values().collect::<Vec<_>>(),
-        },
-    }))
+        }),
+    ))
+}
+
+/// A Service's `ServiceEntry`: `spec` plus the host every Service has.
+fn document(ns: &str, name: &str, mut spec: Value) -> Value {
+    spec["hosts"] = json!([format!("{name}.{ns}.{CLUSTER_DOMAIN}")]);
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    })
+}
+
+/// A Service port as a `ServiceEntry` port: number, name and protocol (`None`: out of range).
+fn entry_port(port: &k8s_openapi::api::core::v1::ServicePort) -> Option<Value> {
+    let number = u16::try_from(port.port).ok()?;
+    let name = port_name(port.name.as_deref(), number);
+    let mut p = json!({"number": number, "name": name});
+    if let Some(protocol) = protocol(port.app_protocol.as_deref(), &name, &port.protocol) {
+        p["protocol"] = json!(protocol);
+    }
+    Some(p)
+}
+
+/// An `ExternalName` Service as Istio programs it: the Service's host resolved by DNS to the
+/// external name (a CNAME for the app, an endpoint name for the sidecar), on the Service's
+/// ports, outside the mesh. No address: the app connects to whatever the name resolves to,
+/// which the sidecar matches by port.
+fn external_name(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    ns: &str,
+    name: &str,
+) -> Option<Value> {
+    let external = spec.external_name.as_deref()?.trim_end_matches('.');
+    if external.is_empty() {
+        return None;
+    }
+    let ports: Vec<Value> = spec.ports.iter().flatten().filter_map(entry_port).collect();
+    Some(document(
+        ns,
+        name,
+        json!({
+            "ports": ports,
+            "location": "MESH_EXTERNAL",
+            "resolution": "DNS",
+            "endpoints": [{"address": external}],
+        }),
+    ))
 }
 
 /// A ServiceEntry port needs a name; a Service's single port may have none.

@@ -118,13 +118,14 @@ fn ready_endpoints_with_pod_labels_and_named_target_ports() {
 }
 
 #[test]
-fn output_is_sorted_and_skips_external_names() {
+fn output_is_sorted_and_external_names_resolve_by_dns() {
     let a = service(
         json!({"metadata": {"name": "a", "namespace": "z"}, "spec": {"clusterIP": "None"}}),
     );
     let b = service(json!({"metadata": {"name": "b", "namespace": "y"}, "spec": {}}));
     let ext = service(json!({"metadata": {"name": "ext", "namespace": "y"},
-                             "spec": {"type": "ExternalName", "externalName": "example.com"}}));
+                             "spec": {"type": "ExternalName", "externalName": "example.com",
+                                      "ports": [{"name": "https", "port": 443}]}}));
     let one = registry_json(&[&a, &b, &ext], &[], &[]);
     let two = registry_json(&[&ext, &b, &a], &[], &[]);
     assert_eq!(one, two, "the same inputs in any order give the same bytes");
@@ -132,8 +133,60 @@ fn output_is_sorted_and_skips_external_names() {
         .iter()
         .map(|e| e["spec"]["hosts"][0].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(names, ["b.y.svc.cluster.local", "a.z.svc.cluster.local"]);
-    assert_eq!(entries(&one)[1]["spec"]["addresses"], json!([]), "headless");
-    // What the sidecar loads.
-    isthmus_config::load(&[isthmus_config::SourceFile::new("registry.json", one)]).unwrap();
+    assert_eq!(
+        names,
+        [
+            "b.y.svc.cluster.local",
+            "ext.y.svc.cluster.local",
+            "a.z.svc.cluster.local"
+        ]
+    );
+    assert_eq!(entries(&one)[2]["spec"]["addresses"], json!([]), "headless");
+    let ext = &entries(&one)[1]["spec"];
+    assert_eq!(ext["resolution"], "DNS");
+    assert_eq!(ext["location"], "MESH_EXTERNAL");
+    assert_eq!(ext["endpoints"], json!([{"address": "example.com"}]));
+    assert_eq!(
+        ext["ports"],
+        json!([{"number": 443, "name": "https", "protocol": "HTTPS"}])
+    );
+    // What the sidecar loads: the external name is an endpoint to resolve.
+    let snapshot =
+        isthmus_config::load(&[isthmus_config::SourceFile::new("registry.json", one)]).unwrap();
+    assert_eq!(snapshot.services().len(), 3);
+}
+
+#[test]
+fn the_export_to_annotation_limits_which_registries_hold_a_service() {
+    let svc = |name: &str, export_to: Option<&str>| {
+        let mut annotations = serde_json::Map::new();
+        if let Some(e) = export_to {
+            annotations.insert(EXPORT_TO_ANNOTATION.into(), json!(e));
+        }
+        service(
+            json!({"metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+                       "spec": {"clusterIP": "None"}}),
+        )
+    };
+    let (all, own, client, none) = (
+        svc("all", None),
+        svc("own", Some(".")),
+        svc("client", Some(" client , .")),
+        svc("none", Some("~")),
+    );
+    let registry = registry_entries(&[&all, &own, &client, &none], &[], &[]);
+    let names = |ns: &str| -> Vec<String> {
+        entries(&registry_for(&registry, ns))
+            .iter()
+            .map(|e| e["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names("shop"), ["all", "client", "own"]);
+    assert_eq!(names("client"), ["all", "client"]);
+    assert_eq!(names("other"), ["all"]);
+    assert_eq!(
+        registry_for(&registry, "shop") + &registry_for(&registry, "x"),
+        registry_json(&[&all, &own, &client], &[], &[]) + &registry_json(&[&all], &[], &[]),
+        "the per-namespace registry is the whole one filtered"
+    );
 }

@@ -1,0 +1,245 @@
+//! One reconcile: every meshed namespace's routing config and registry computed from the
+//! stores (pure: [`desired`], [`registry`]) and written where they changed ([`write`]); managed
+//! ConfigMaps of namespaces that left the mesh deleted; invalid Istio resources reported
+//! ([`events`]). What it remembers between reconciles is [`Memory`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_config::{Issue, SourceFile};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+
+use super::{
+    desired, events, istio, registry, state, write, Controller, ResourceKindLabel, ResultLabel,
+    Stores, Written, FIELD_MANAGER, MANAGED_BY_LABEL, REGISTRY_KEY, ROUTING_KEY,
+};
+use crate::inject::STATUS_ANNOTATION;
+
+impl Controller {
+    /// Computes every meshed namespace's routing config and registry and writes what changed;
+    /// deletes the managed ConfigMaps of namespaces that left the mesh; reports invalid Istio
+    /// resources. Returns false when a write failed (the reconcile is retried).
+    pub(super) async fn reconcile(&self, stores: &Stores, written: &mut Memory) -> bool {
+        let started = Instant::now();
+        let metrics = &self.status.metrics;
+        let services = state(&stores.services);
+        let slices = state(&stores.slices);
+        let pods = state(&stores.pods);
+        let entries = registry::registry_entries(
+            &services.iter().map(Arc::as_ref).collect::<Vec<_>>(),
+            &slices.iter().map(Arc::as_ref).collect::<Vec<_>>(),
+            &pods.iter().map(Arc::as_ref).collect::<Vec<_>>(),
+        );
+        metrics.services.set(entries.len() as i64);
+        metrics.endpoints.set(
+            entries
+                .iter()
+                .map(|e| e.line.matches("\"address\":").count() as i64)
+                .sum(),
+        );
+        let (objects, mut invalid) =
+            istio::collect(&stores.istio, &state(&stores.istio_config_maps));
+        let (objects, unparsable) = desired::parse_each(objects);
+        invalid.extend(unparsable);
+        let managed = state(&stores.managed);
+        let meshed = self.meshed(&pods);
+
+        let mut ok = true;
+        let mut conflicts = 0;
+        for ns in &meshed {
+            if !self.leadership.is_leader() {
+                // Lost the Lease mid-reconcile: stop writing at once.
+                ok = false;
+                break;
+            }
+            let registry = vec![SourceFile::new(
+                REGISTRY_KEY,
+                registry::registry_for(&entries, ns),
+            )];
+            let candidates = desired::candidates(&objects, ns, &self.options.root_namespace);
+            let (fresh, assembled) = written.assemble(ns, &candidates, &registry);
+            let routing = match assembled {
+                Ok(assembled) => {
+                    invalid.extend(assembled.left_out);
+                    Some(assembled.text)
+                }
+                Err(issues) => {
+                    conflicts += 1;
+                    if fresh {
+                        let first = issues.first().map(ToString::to_string).unwrap_or_default();
+                        tracing::error!(namespace = %ns, problems = issues.len(), first = %first,
+                            "the namespace's routing config does not compile with its registry: keeping the last one written");
+                    }
+                    Memory::last_routing(ns, &managed, &self.options.routing_config_map)
+                }
+            };
+            let files = write::NamespaceFiles {
+                routing: routing.map(|text| SourceFile::new(ROUTING_KEY, text)),
+                registry,
+            };
+            match self
+                .write_namespace(ns, &files, written.written.get(ns))
+                .await
+            {
+                Ok(now) => {
+                    written.written.insert(ns.clone(), now);
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(namespace = %ns, error = %e, "writing the namespace's ConfigMaps failed; retrying (may the controller patch configmaps there?)");
+                }
+            }
+        }
+        written.forget_unmeshed(&meshed);
+        ok &= self.collect_garbage(&managed, &meshed, written).await;
+        ok &= written
+            .reporter
+            .report(&self.client, &self.options.instance, &invalid)
+            .await;
+        metrics.routing_conflicts.set(conflicts);
+        let mut by_kind: BTreeMap<String, i64> = istio::KINDS
+            .iter()
+            .map(|(kind, _)| ((*kind).to_owned(), 0))
+            .collect();
+        for (key, _) in events::notes(&invalid).keys() {
+            *by_kind.entry(key.kind.clone()).or_default() += 1;
+        }
+        for (kind, count) in by_kind {
+            metrics
+                .invalid_resources
+                .get_or_create(&ResourceKindLabel { kind })
+                .set(count);
+        }
+
+        self.status.reconciles.fetch_add(1, Ordering::AcqRel);
+        metrics
+            .reconciles
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        ok
+    }
+
+    /// The meshed namespaces: the listed ones, or those holding an injected pod.
+    fn meshed(&self, pods: &[Arc<Pod>]) -> BTreeSet<String> {
+        if !self.options.namespaces.is_empty() {
+            return self.options.namespaces.iter().cloned().collect();
+        }
+        pods.iter()
+            .filter(|p| {
+                p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(STATUS_ANNOTATION))
+            })
+            .filter_map(|p| p.metadata.namespace.clone())
+            .collect()
+    }
+
+    /// Deletes the managed ConfigMaps of namespaces out of the mesh for `gc_grace` (a rollout
+    /// that replaces every pod must not lose its config). Returns false when a delete failed.
+    async fn collect_garbage(
+        &self,
+        managed: &[Arc<ConfigMap>],
+        meshed: &BTreeSet<String>,
+        written: &mut Memory,
+    ) -> bool {
+        let now = Instant::now();
+        written.unmeshed_since.retain(|ns, _| !meshed.contains(ns));
+        let mut ok = true;
+        for cm in managed {
+            let (Some(ns), Some(name)) = (&cm.metadata.namespace, &cm.metadata.name) else {
+                continue;
+            };
+            if meshed.contains(ns) || !is_managed(cm) {
+                continue;
+            }
+            let since = *written.unmeshed_since.entry(ns.clone()).or_insert(now);
+            let left = self.options.gc_grace.saturating_sub(now - since);
+            if !left.is_zero() {
+                written.gc_due = Some(written.gc_due.map_or(left, |d| d.min(left)));
+                continue;
+            }
+            if let Err(e) = self.delete_config_map(ns, name).await {
+                ok = false;
+                tracing::warn!(namespace = %ns, configmap = %name, error = %e, "deleting a ConfigMap of a namespace that left the mesh failed; retrying");
+            }
+        }
+        ok
+    }
+}
+
+/// Whether this controller wrote the ConfigMap (checked beside the watch's label selector:
+/// nothing else is ever deleted).
+fn is_managed(cm: &ConfigMap) -> bool {
+    cm.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == FIELD_MANAGER)
+}
+
+/// What the reconciler remembers between reconciles.
+#[derive(Default)]
+pub(super) struct Memory {
+    /// Per namespace, what was last written (or found).
+    written: HashMap<String, Written>,
+    /// Per namespace, the last assembled config and its inputs' hash: compiling is the
+    /// expensive step, and most reconciles change neither routing nor the registry.
+    assembled: HashMap<String, (String, Result<desired::Assembled, Vec<Issue>>)>,
+    /// Namespaces with managed ConfigMaps and no meshed pod, since when.
+    unmeshed_since: HashMap<String, Instant>,
+    /// When the next namespace's grace ends (the reconciler wakes for it).
+    pub(super) gc_due: Option<Duration>,
+    reporter: events::Reporter,
+}
+
+impl Memory {
+    /// Forget what was written: the next reconcile reads every ConfigMap back (a GET each)
+    /// and writes only where one differs.
+    pub(super) fn clear(&mut self) {
+        self.written.clear();
+    }
+
+    fn forget_unmeshed(&mut self, meshed: &BTreeSet<String>) {
+        self.written.retain(|ns, _| meshed.contains(ns));
+        self.assembled.retain(|ns, _| meshed.contains(ns));
+    }
+
+    /// [`desired::assemble`], again only when its inputs changed (`true`: it was).
+    fn assemble(
+        &mut self,
+        ns: &str,
+        candidates: &[&istio::IstioObject],
+        registry: &[SourceFile],
+    ) -> (bool, Result<desired::Assembled, Vec<Issue>>) {
+        let mut inputs = vec![SourceFile::new(
+            ROUTING_KEY,
+            desired::routing_text(candidates),
+        )];
+        inputs.extend(registry.iter().cloned());
+        let hash = isthmus_config::source::version_of(&inputs);
+        let fresh = self.assembled.get(ns).is_none_or(|(h, _)| *h != hash);
+        if fresh {
+            let result = desired::assemble(ns, candidates, registry);
+            self.assembled.insert(ns.to_owned(), (hash, result));
+        }
+        (fresh, self.assembled[ns].1.clone())
+    }
+
+    /// The routing config last written to `ns`, as the cluster holds it.
+    fn last_routing(ns: &str, managed: &[Arc<ConfigMap>], name: &str) -> Option<String> {
+        managed
+            .iter()
+            .find(|cm| {
+                cm.metadata.namespace.as_deref() == Some(ns)
+                    && cm.metadata.name.as_deref() == Some(name)
+                    && is_managed(cm)
+            })
+            .and_then(|cm| cm.data.as_ref()?.get(ROUTING_KEY).cloned())
+    }
+}
