@@ -79,6 +79,10 @@ enum Command {
         /// overwritten), `always` applies them all, `never` leaves them out.
         #[arg(long, value_enum, default_value_t = isthmus_ctl::install::CrdMode::Auto)]
         crds: isthmus_ctl::install::CrdMode,
+        /// What the webhook injects: the same file as `isthmus-ctl inject --config` (e.g.
+        /// `nativeSidecar: false` for clusters older than 1.29), kept in ConfigMap isthmus-inject.
+        #[arg(long, value_name = "FILE")]
+        inject_config: Option<PathBuf>,
         /// Apply to the cluster instead of printing.
         #[arg(long)]
         apply: bool,
@@ -215,17 +219,21 @@ fn main() -> ExitCode {
             tag,
             replicas,
             crds,
+            inject_config,
             apply,
-        } => install_command(
-            isthmus_ctl::install::InstallOptions {
-                namespace,
-                hub,
-                tag,
-                replicas,
-                crds,
-            },
-            apply,
-        ),
+        } => read_install_inject_config(inject_config.as_deref()).and_then(|inject_config| {
+            install_command(
+                isthmus_ctl::install::InstallOptions {
+                    namespace,
+                    hub,
+                    tag,
+                    replicas,
+                    crds,
+                    inject_config,
+                },
+                apply,
+            )
+        }),
         Command::Uninstall {
             namespace,
             crds,
@@ -458,6 +466,15 @@ fn install_command(
             .await
             .map_err(anyhow::Error::from)
     })
+}
+
+/// The file's text, checked as the controller will read it (a typo fails here, not in the pod).
+fn read_install_inject_config(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    read_inject_config(Some(path))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(text))
 }
 
 fn uninstall_command(

@@ -16,6 +16,34 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_isthmus-ctl");
 
+/// An inject config file for `--inject-config`; removed on drop.
+struct InjectFile(std::path::PathBuf);
+
+impl InjectFile {
+    fn new(text: &str) -> InjectFile {
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("t")
+            .replace("::", "-");
+        let path = std::env::temp_dir().join(format!(
+            "isthmus-inject-{}-{thread}.yaml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        InjectFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for InjectFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn kubectl_missing() -> bool {
     Command::new("kubectl")
         .args(["version", "--client"])
@@ -124,8 +152,16 @@ fn kubectl_decodes_every_printed_manifest() {
         support::kmock::skip("kubectl is not installed");
         return;
     }
-    let docs = printed(&["--hub", "registry.example/mesh", "--tag", "1.0"]);
-    assert_eq!(docs.len(), 16);
+    let inject = InjectFile::new("nativeSidecar: false\n");
+    let docs = printed(&[
+        "--hub",
+        "registry.example/mesh",
+        "--tag",
+        "1.0",
+        "--inject-config",
+        inject.path(),
+    ]);
+    assert_eq!(docs.len(), 17);
     let mut printed_back = 0;
     for doc in docs
         .iter()
@@ -173,7 +209,8 @@ fn kubectl_decoding_refuses_a_wrong_type() {
 /// clap refuses an unknown flag before it looks at `--help`.
 #[test]
 fn the_deployment_passes_only_flags_the_controller_has() {
-    let docs = printed(&[]);
+    let inject = InjectFile::new("nativeSidecar: false\n");
+    let docs = printed(&["--inject-config", inject.path()]);
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
     let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
@@ -214,4 +251,17 @@ fn crds_never_prints_no_crd_and_uninstall_prints_its_plan() {
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/isthmus-sidecar-injector"
     );
     assert!(text.contains("Istio CRDs: kept"));
+}
+
+#[test]
+fn an_inject_config_with_a_typo_is_refused_before_anything_is_printed() {
+    let inject = InjectFile::new("nativeSidcar: false\n");
+    let out = Command::new(BIN)
+        .args(["install", "--inject-config", inject.path()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nativeSidcar"), "{err}");
 }

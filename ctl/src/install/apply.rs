@@ -196,8 +196,10 @@ pub async fn uninstall(
 fn removals(options: &InstallOptions) -> Vec<(ApiResource, Option<String>, String)> {
     let made = manifests(&InstallOptions {
         crds: CrdMode::Never,
-        // The PDB exists only with two replicas or more; deleting a missing one is harmless.
+        // The PDB exists only with two replicas or more, the inject ConfigMap only with an
+        // inject config: both are listed, and deleting a missing one is harmless.
         replicas: options.replicas.max(2),
+        inject_config: Some(String::new()),
         ..options.clone()
     });
     let mut out: Vec<_> = made

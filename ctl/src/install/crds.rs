@@ -8,8 +8,8 @@
 //! field. Why not a schema derived from the wire types: the API server *prunes* fields a
 //! structural schema does not list, silently unless the client asks for strict field
 //! validation — an Istio field isthmus does not implement would vanish instead of being
-//! reported — and the security kinds are not parsed before issue 9, so their schema would be
-//! empty. docs/INSTALL.md says the same.
+//! reported — and it would change with every field isthmus learns, while a CRD is cluster-wide
+//! and outlives upgrades. docs/INSTALL.md says the same.
 
 use std::collections::BTreeMap;
 

@@ -46,6 +46,8 @@ pub const MONITORING_PORT: i32 = 15014;
 /// The port the controller serves the injection webhook on (TLS, path [`WEBHOOK_PATH`]).
 pub const WEBHOOK_PORT: i32 = 15017;
 pub const WEBHOOK_PATH: &str = "/inject";
+/// The ConfigMap holding `install --inject-config`'s file, mounted into the controller.
+pub const INJECT_CONFIG_MAP: &str = "isthmus-inject";
 
 /// What `install` makes; the command-line flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +59,9 @@ pub struct InstallOptions {
     pub tag: String,
     pub replicas: i32,
     pub crds: CrdMode,
+    /// What the webhook injects (`isthmus-ctl inject --config`'s file, as text): kept in a
+    /// ConfigMap the controller mounts. `None`: the injector's defaults.
+    pub inject_config: Option<String>,
 }
 
 impl Default for InstallOptions {
@@ -67,6 +72,7 @@ impl Default for InstallOptions {
             tag: "dev".into(),
             replicas: 2,
             crds: CrdMode::Auto,
+            inject_config: None,
         }
     }
 }

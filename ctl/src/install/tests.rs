@@ -269,6 +269,7 @@ fn controller_runs_non_root_read_only_without_capabilities() {
         .map(|a| a.as_str().unwrap())
         .collect();
     let flag = |name: &str| args[args.iter().position(|a| *a == name).unwrap() + 1];
+    assert_eq!(flag("--root-namespace"), "isthmus-system");
     assert_eq!(flag("--webhook"), "[::]:15017");
     assert_eq!(flag("--webhook-config"), WEBHOOK_CONFIG);
     assert_eq!(flag("--hub"), "registry.example/mesh");
@@ -382,6 +383,7 @@ fn uninstall_plan_removes_the_webhook_first_and_keeps_crds_by_default() {
     assert!(plan
         .contains(&"lease.coordination.k8s.io/isthmus-controller -n isthmus-system".to_string()));
     assert!(plan.contains(&"secret/isthmus-ca -n isthmus-system".to_string()));
+    assert!(plan.contains(&"configmap/isthmus-inject -n isthmus-system".to_string()));
     assert!(!plan
         .iter()
         .any(|l| l.starts_with("customresourcedefinition")));
@@ -393,4 +395,59 @@ fn uninstall_plan_removes_the_webhook_first_and_keeps_crds_by_default() {
             .count(),
         6
     );
+}
+
+#[test]
+fn an_inject_config_is_mounted_and_a_change_rolls_the_controller() {
+    let with = |text: &str| InstallOptions {
+        inject_config: Some(text.into()),
+        ..InstallOptions::default()
+    };
+    let manifests = all(&with("nativeSidecar: false\n"));
+    let configmap = find(&manifests, "ConfigMap");
+    assert_eq!(configmap["metadata"]["name"], INJECT_CONFIG_MAP);
+    assert_eq!(configmap["metadata"]["namespace"], "isthmus-system");
+    assert_eq!(configmap["data"]["config.yaml"], "nativeSidecar: false\n");
+    let position = |kind: &str| manifests.iter().position(|m| m.kind() == kind).unwrap();
+    assert!(position("ConfigMap") < position("Deployment"));
+    let deployment = find(&manifests, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "inject-config", "configMap": {"name": INJECT_CONFIG_MAP}}])
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "inject-config", "mountPath": "/etc/isthmus/inject", "readOnly": true}])
+    );
+    let args = c["args"].as_array().unwrap();
+    assert_eq!(
+        args[args.len() - 2..],
+        [
+            json!("--inject-config"),
+            json!("/etc/isthmus/inject/config.yaml")
+        ]
+    );
+    let hash = |m: &[Manifest]| {
+        find(m, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+            [workload::INJECT_CONFIG_HASH]
+            .clone()
+    };
+    assert!(hash(&manifests).is_string());
+    assert_eq!(
+        hash(&manifests),
+        hash(&all(&with("nativeSidecar: false\n")))
+    );
+    assert_ne!(hash(&manifests), hash(&all(&with("nativeSidecar: true\n"))));
+    // Without one: no ConfigMap, no volume, no flag, no hash.
+    let plain = all(&InstallOptions::default());
+    assert!(!plain.iter().any(|m| m.kind() == "ConfigMap"));
+    let pod = &find(&plain, "Deployment")["spec"]["template"]["spec"];
+    assert!(pod["volumes"].is_null());
+    assert!(!pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("--inject-config")));
+    assert!(hash(&plain).is_null());
 }

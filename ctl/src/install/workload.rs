@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -14,16 +15,29 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    labels, InstallOptions, Manifest, CA_SECRET, CONTROLLER, MONITORING_PORT, WEBHOOK_CONFIG,
-    WEBHOOK_PORT,
+    labels, InstallOptions, Manifest, CA_SECRET, CONTROLLER, INJECT_CONFIG_MAP, MONITORING_PORT,
+    WEBHOOK_CONFIG, WEBHOOK_PORT,
 };
 
 /// The controller image's user (docker/build.sh: `USER 65532`, distroless' nonroot).
 pub const CONTROLLER_UID: i64 = 65532;
+/// Where the inject config is mounted in the controller, and its key.
+const INJECT_DIR: &str = "/etc/isthmus/inject";
+const INJECT_KEY: &str = "config.yaml";
+/// On the pod template: the inject config's hash, so a changed config rolls the controller
+/// (it reads the file once, at start).
+pub const INJECT_CONFIG_HASH: &str = "isthmus.io/inject-config-hash";
 
 /// Deployment, Service and (with two replicas or more) the PodDisruptionBudget.
 pub fn manifests(options: &InstallOptions) -> Vec<Manifest> {
-    let mut out = vec![
+    let mut out = Vec::new();
+    if let Some(text) = &options.inject_config {
+        out.push(Manifest::new(
+            &inject_config_map(options, text),
+            "What the webhook injects (install --inject-config), mounted into the controller.",
+        ));
+    }
+    out.extend([
         Manifest::new(
             &deployment(options),
             "The controller: writes each meshed namespace's ConfigMaps (the leader only) and \
@@ -33,7 +47,7 @@ pub fn manifests(options: &InstallOptions) -> Vec<Manifest> {
             &service(options),
             "Monitoring (15014) and the injection webhook (443 -> 15017, TLS).",
         ),
-    ];
+    ]);
     if options.replicas >= 2 {
         out.push(Manifest::new(
             &disruption_budget(options),
@@ -63,10 +77,11 @@ pub fn namespace(options: &InstallOptions) -> Namespace {
 }
 
 /// The controller's command line: `controller` and the flags that tie it to these manifests.
-/// The mesh root namespace is the controller's default, `isthmus-system`, until it has a flag.
 pub fn controller_args(options: &InstallOptions) -> Vec<String> {
-    [
+    let mut args: Vec<String> = [
         "controller",
+        "--root-namespace",
+        &options.namespace,
         "--webhook",
         &format!("[::]:{WEBHOOK_PORT}"),
         "--webhook-config",
@@ -83,7 +98,28 @@ pub fn controller_args(options: &InstallOptions) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    if options.inject_config.is_some() {
+        args.extend([
+            "--inject-config".into(),
+            format!("{INJECT_DIR}/{INJECT_KEY}"),
+        ]);
+    }
+    args
+}
+
+/// `install --inject-config`'s file as the ConfigMap the controller mounts.
+pub fn inject_config_map(options: &InstallOptions, text: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(INJECT_CONFIG_MAP.into()),
+            namespace: Some(options.namespace.clone()),
+            labels: Some(labels("controller")),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(INJECT_KEY.to_string(), text.to_string())])),
+        ..ConfigMap::default()
+    }
 }
 
 /// `app: isthmus-controller`: the selector of the Deployment, Service and PDB.
@@ -130,6 +166,14 @@ pub fn deployment(options: &InstallOptions) -> Deployment {
         name: "controller".into(),
         image: Some(format!("{}/ctl:{}", options.hub, options.tag)),
         args: Some(controller_args(options)),
+        volume_mounts: options.inject_config.as_ref().map(|_| {
+            vec![VolumeMount {
+                name: "inject-config".into(),
+                mount_path: INJECT_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        }),
         env: Some(vec![
             env("POD_NAME", "metadata.name"),
             env("POD_NAMESPACE", "metadata.namespace"),
@@ -173,11 +217,7 @@ pub fn deployment(options: &InstallOptions) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([
-                        ("prometheus.io/scrape".into(), "true".into()),
-                        ("prometheus.io/port".into(), MONITORING_PORT.to_string()),
-                        ("prometheus.io/path".into(), "/metrics".into()),
-                    ])),
+                    annotations: Some(pod_annotations(options)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -187,6 +227,16 @@ pub fn deployment(options: &InstallOptions) -> Deployment {
                         run_as_non_root: Some(true),
                         seccomp_profile: Some(runtime_default()),
                         ..PodSecurityContext::default()
+                    }),
+                    volumes: options.inject_config.as_ref().map(|_| {
+                        vec![Volume {
+                            name: "inject-config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: INJECT_CONFIG_MAP.into(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        }]
                     }),
                     // Replicas on different nodes where there are several; ScheduleAnyway so
                     // a one-node cluster still runs them all.
@@ -244,6 +294,23 @@ pub fn disruption_budget(options: &InstallOptions) -> PodDisruptionBudget {
         }),
         status: None,
     }
+}
+
+/// The controller's own scrape annotations, and the inject config's hash when there is one.
+fn pod_annotations(options: &InstallOptions) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        ("prometheus.io/scrape".into(), "true".into()),
+        ("prometheus.io/port".into(), MONITORING_PORT.to_string()),
+        ("prometheus.io/path".into(), "/metrics".into()),
+    ]);
+    if let Some(text) = &options.inject_config {
+        let file = isthmus_config::SourceFile::new(INJECT_KEY, text.clone());
+        annotations.insert(
+            INJECT_CONFIG_HASH.into(),
+            isthmus_config::source::version_of(&[file]),
+        );
+    }
+    annotations
 }
 
 fn port(name: &str, number: i32) -> ContainerPort {
