@@ -28,8 +28,8 @@ pub use snapshot::{
     TcpKeepalive, TcpRoute, Text, TrafficPolicy, WeightedCluster, L7,
 };
 pub use snapshot::{
-    Decision, HeaderLookup, HttpRequest, MtlsMode, Request, RuleRef, Verdict, Workload,
-    DEFAULT_ROOT_NAMESPACE,
+    principal_namespace, Decision, HeaderLookup, HttpRequest, MtlsMode, Request, RuleRef, Verdict,
+    Workload, DEFAULT_ROOT_NAMESPACE,
 };
 pub use source::SourceFile;
 

@@ -20,7 +20,9 @@ pub(crate) mod peer_auth;
 mod policy;
 pub(crate) mod security;
 
-pub use authz::{Decision, HeaderLookup, HttpRequest, Request, RuleRef, Verdict};
+pub use authz::{
+    principal_namespace, Decision, HeaderLookup, HttpRequest, Request, RuleRef, Verdict,
+};
 pub use http::{
     Abort, CorsPolicy, DerivePort, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOps,
     HttpAction, HttpDestination, HttpMatch, HttpRoute, Mirror, Redirect, RetryOn, RetryPolicy,
@@ -352,6 +354,7 @@ impl Snapshot {
             "version": self.version,
             "outboundTrafficPolicy": policy,
             "services": self.services.iter().map(|s| s.dump()).collect::<Vec<_>>(),
+            "security": self.security.dump(),
         })
     }
 }

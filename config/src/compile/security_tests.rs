@@ -717,3 +717,47 @@ fn istio_reference_example_evaluates_as_documented() {
         &call("default/other", 80, Some(("GET", "/info")))
     ));
 }
+
+#[test]
+fn principal_namespace_is_the_identitys() {
+    use crate::principal_namespace;
+    assert_eq!(
+        principal_namespace("cluster.local/ns/shop/sa/web"),
+        Some("shop")
+    );
+    assert_eq!(principal_namespace("td/ns/shop/sa/web/extra"), None);
+    assert_eq!(principal_namespace("td/sa/web/ns/shop"), None);
+    assert_eq!(principal_namespace("td/ns//sa/web"), None);
+    assert_eq!(principal_namespace("web"), None);
+}
+
+/// `/config_dump` lists the loaded policies in evaluation order.
+#[test]
+fn dump_lists_policies() {
+    let snap = must(
+        &(pa(ROOT, "mesh", "{mtls: {mode: STRICT}}")
+            + &pa(
+                "foo",
+                "web",
+                "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: DISABLE}}}",
+            )
+            + &authz("foo", "allow", "{rules: [{}, {}]}")
+            + &authz("foo", "deny", "{action: DENY}")),
+    );
+    let dump = snap.dump()["security"].clone();
+    assert_eq!(dump["rootNamespace"], "isthmus-system");
+    assert_eq!(
+        dump["peerAuthentications"],
+        serde_json::json!([
+            {"policy": "isthmus-system/mesh", "selector": null, "mode": "STRICT", "portLevelMtls": {}},
+            {"policy": "foo/web", "selector": {"app": "web"}, "mode": "UNSET", "portLevelMtls": {"8080": "DISABLE"}},
+        ])
+    );
+    assert_eq!(
+        dump["authorizationPolicies"],
+        serde_json::json!([
+            {"policy": "foo/deny", "action": "DENY", "selector": null, "rules": 0},
+            {"policy": "foo/allow", "action": "ALLOW", "selector": null, "rules": 2},
+        ])
+    );
+}

@@ -52,6 +52,21 @@ pub struct Request<'a> {
     pub http: Option<HttpRequest<'a>>,
 }
 
+/// The namespace in a SPIFFE principal `TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT` (without
+/// `spiffe://`): how Istio derives `source.namespace` from the peer's identity.
+pub fn principal_namespace(principal: &str) -> Option<&str> {
+    let mut parts = principal.split('/');
+    let (_domain, ns_key, namespace, sa_key, account) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    let well_formed = ns_key == "ns" && sa_key == "sa" && parts.next().is_none();
+    (well_formed && !namespace.is_empty() && !account.is_empty()).then_some(namespace)
+}
+
 /// The HTTP attributes of a request.
 #[derive(Clone, Copy)]
 pub struct HttpRequest<'a> {
