@@ -46,6 +46,8 @@ pub enum RunError {
     AppProbers(#[from] ProbersError),
     #[error("--workers must be at least 1")]
     NoWorkers,
+    #[error("nothing to listen on: --no-capture needs at least one --explicit listener")]
+    NoListeners,
     #[error("worker {index} died ({why}); exiting so that the container is restarted")]
     WorkerDied { index: usize, why: String },
 }
@@ -298,6 +300,10 @@ fn bind_groups(args: &Args) -> Result<Vec<Group>, RunError> {
             orig: OrigDst::Fixed(explicit.destination),
             sockets: listen::bind_reuseport(explicit.listen, args.workers)?,
         });
+    }
+    // A worker with no listener would end at once and take the proxy down as "died".
+    if groups.is_empty() {
+        return Err(RunError::NoListeners);
     }
     Ok(groups)
 }
