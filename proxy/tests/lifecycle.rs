@@ -159,13 +159,22 @@ fn a_dead_worker_exits_the_process_non_zero() {
 #[test]
 fn no_listener_at_all_is_a_usage_error_not_a_dead_worker() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_isthmus-proxy"))
-        .args(["--no-capture", "--config-dir", "/nonexistent", "--admin-port", "0"])
+        .args([
+            "--no-capture",
+            "--config-dir",
+            "/nonexistent",
+            "--admin-port",
+            "0",
+        ])
         .args(["--stats-port", "0", "--readiness-port", "0"])
         .output()
         .expect("run isthmus-proxy");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("needs at least one --explicit listener"), "{stderr}");
+    assert!(
+        stderr.contains("needs at least one --explicit listener"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("worker"), "{stderr}");
 }
 
