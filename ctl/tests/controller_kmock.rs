@@ -748,3 +748,180 @@ async fn a_missing_istio_crd_does_not_block_readiness() {
     assert_eq!(routing_documents(&routing), ["Sidecar shop/default"]);
     controller.stop().await;
 }
+
+/// The shard ConfigMaps of `shop`'s registry, by name.
+async fn registry_shards(
+    config_maps: &Api<ConfigMap>,
+) -> std::collections::BTreeMap<String, ConfigMap> {
+    config_maps
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|cm| {
+            cm.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n == "isthmus-registry" || n.starts_with("isthmus-registry-"))
+        })
+        .map(|cm| (cm.metadata.name.clone().unwrap(), cm))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_over_one_configmap_is_split_into_shards_and_scoped_by_a_sidecar() {
+    let Some((_kmock, client)) = start_kmock("").await else {
+        return;
+    };
+    let pp = PostParams::default();
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    let service = |i: usize, port: u16| -> Service {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i:02}"), "namespace": "shop"},
+            "spec": {"clusterIP": format!("10.96.1.{i}"), "ports": [
+                {"name": "http", "port": port}, {"name": "grpc-api", "port": 9090},
+                {"name": "tcp-admin", "port": 9901}]},
+        }))
+        .unwrap()
+    };
+    for i in 0..40 {
+        services.create(&pp, &service(i, 80)).await.unwrap();
+    }
+    const BUDGET: usize = 8192;
+    let controller = run_controller(
+        &client,
+        Options {
+            namespaces: vec!["shop".into()],
+            monitoring: "127.0.0.1:0".parse().unwrap(),
+            debounce: Duration::from_millis(50),
+            max_registry_bytes: BUDGET,
+            ..Options::default()
+        },
+    );
+    let status = controller.status.clone();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+
+    // 1. About 20 KB of registry: several shards (a power of two, at most half full on
+    //    average), each within the budget, every Service in exactly one, and the version on
+    //    `isthmus-registry` is the one a sidecar computes over the whole projected directory.
+    wait_for("ready", async || status.ready().then_some(())).await;
+    let shards = registry_shards(&config_maps).await;
+    let n = shards.len();
+    assert!(n > 1 && n.is_power_of_two(), "{n} shards");
+    let expected: Vec<String> = std::iter::once("isthmus-registry".to_owned())
+        .chain((1..n).map(|k| format!("isthmus-registry-{k}")))
+        .collect();
+    let mut names: Vec<String> = shards.keys().cloned().collect();
+    names.sort_by_key(|name| expected.iter().position(|e| e == name));
+    assert_eq!(names, expected);
+    let registry = &shards["isthmus-registry"];
+    let annotations = registry.metadata.annotations.as_ref().unwrap();
+    assert_eq!(annotations["isthmus.io/registry-shards"], n.to_string());
+    let mut files: Vec<SourceFile> = shards
+        .values()
+        .chain(
+            config_maps
+                .get_opt("isthmus-config")
+                .await
+                .unwrap()
+                .as_ref(),
+        )
+        .flat_map(|cm| cm.data.clone().unwrap_or_default())
+        .map(|(k, v)| SourceFile::new(k, v))
+        .collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    assert!(files.iter().all(|f| f.text.len() <= BUDGET));
+    let snapshot = isthmus_config::load(&files).unwrap();
+    assert_eq!(snapshot.services().len(), 40);
+    assert_eq!(annotations[VERSION_ANNOTATION], snapshot.version());
+
+    // 2. One Service changes: exactly one shard is rewritten (and `isthmus-registry`, whose
+    //    version annotation moves, if it is not that one).
+    let writes = status.writes();
+    services
+        .patch(
+            "svc-07",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"ports": [{"name": "http", "port": 8080}]}})),
+        )
+        .await
+        .unwrap();
+    let after = wait_for("the new version", async || {
+        let now = registry_shards(&config_maps).await;
+        (now["isthmus-registry"]
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()[VERSION_ANNOTATION]
+            != annotations[VERSION_ANNOTATION])
+            .then_some(now)
+    })
+    .await;
+    let changed: Vec<&String> = after
+        .iter()
+        .filter(|(name, cm)| cm.data != shards[*name].data)
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(
+        status.writes() - writes,
+        if changed[0] == "isthmus-registry" {
+            1
+        } else {
+            2
+        }
+    );
+
+    // 3. A Sidecar scopes shop to two of its Services: one shard is enough, the others are
+    //    deleted, and the registry holds just those two.
+    let sidecar = networking("Sidecar", "sidecars");
+    Api::<DynamicObject>::namespaced_with(client.clone(), "shop", &sidecar)
+        .create(
+            &pp,
+            &custom_object(
+                &sidecar,
+                "shop",
+                "default",
+                json!({"egress": [{"hosts": ["./svc-01.shop.svc.cluster.local",
+                                             "*/svc-02.shop.svc.cluster.local"]}]}),
+            ),
+        )
+        .await
+        .unwrap();
+    let scoped = wait_for("one shard", async || {
+        let now = registry_shards(&config_maps).await;
+        (now.len() == 1).then_some(now)
+    })
+    .await;
+    let text = &scoped["isthmus-registry"].data.as_ref().unwrap()["registry.json"];
+    let hosts: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            l.split("\"hosts\":[\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            "svc-01.shop.svc.cluster.local",
+            "svc-02.shop.svc.cluster.local"
+        ]
+    );
+    assert_eq!(
+        scoped["isthmus-registry"]
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()["isthmus.io/registry-shards"],
+        "1"
+    );
+
+    controller.stop().await;
+}

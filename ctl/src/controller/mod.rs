@@ -30,6 +30,7 @@ mod reconcile;
 pub mod registry;
 pub mod scope;
 mod serve;
+pub mod shards;
 pub mod split;
 pub mod webhook;
 mod write;

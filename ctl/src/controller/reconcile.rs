@@ -12,8 +12,8 @@ use isthmus_config::{Issue, SourceFile};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 
 use super::{
-    desired, events, istio, registry, state, write, Controller, ResourceKindLabel, ResultLabel,
-    Stores, Written, FIELD_MANAGER, MANAGED_BY_LABEL, REGISTRY_KEY, ROUTING_KEY,
+    desired, events, istio, registry, scope, shards, split, state, write, Controller,
+    ResourceKindLabel, ResultLabel, Stores, Written, FIELD_MANAGER, MANAGED_BY_LABEL, ROUTING_KEY,
 };
 use crate::inject::STATUS_ANNOTATION;
 
@@ -45,6 +45,15 @@ impl Controller {
         invalid.extend(unparsable);
         let managed = state(&stores.managed);
         let meshed = self.meshed(&pods);
+        // Scoping and splitting (shards.rs): the Sidecars' egress hosts, each entry's shard key.
+        let sidecars = scope::sidecars(objects.iter().map(|o| {
+            let key = &o.key;
+            (&*key.kind, &*key.namespace, &*key.name, &o.document["spec"])
+        }));
+        let shard_entries: Vec<split::Entry> = entries
+            .iter()
+            .map(|e| split::Entry::of_service(&e.namespace, &e.name, &e.line))
+            .collect();
 
         let mut ok = true;
         let mut conflicts = 0;
@@ -54,11 +63,21 @@ impl Controller {
                 ok = false;
                 break;
             }
-            let registry = vec![SourceFile::new(
-                REGISTRY_KEY,
-                registry::registry_for(&entries, ns),
-            )];
-            let candidates = desired::candidates(&objects, ns, &self.options.root_namespace);
+            let scope = self.scope(ns, &sidecars);
+            let visible = entries
+                .iter()
+                .zip(&shard_entries)
+                .filter(|(e, _)| desired::visible(&e.export_to, &e.namespace, ns))
+                .map(|(_, entry)| entry);
+            let base = &self.options.registry_config_map;
+            let previous = shards::previous_shards(&managed, ns, base);
+            let Some(registry) = self.registry_shards(ns, visible, &scope, previous) else {
+                continue;
+            };
+            let mut candidates = desired::candidates(&objects, ns, &self.options.root_namespace);
+            candidates.retain(|o| {
+                o.key.kind == "Sidecar" || scope.admits_config(&o.key.namespace, &o.hosts())
+            });
             let (fresh, assembled) = written.assemble(ns, &candidates, &registry);
             let routing = match assembled {
                 Ok(assembled) => {

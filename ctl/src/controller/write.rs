@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 
 use super::{
     ConfigMapLabels, Controller, ResultLabel, Written, FIELD_MANAGER, MANAGED_BY_LABEL,
-    REGISTRY_HASH_ANNOTATION, ROUTING_HASH_ANNOTATION, VERSION_ANNOTATION,
+    ROUTING_HASH_ANNOTATION,
 };
 
 /// What one namespace's sidecars should see.
@@ -20,7 +20,7 @@ pub(super) struct NamespaceFiles {
     /// `config.json`; `None` when there is none to write (the assembled config did not
     /// compile and nothing was written before).
     pub routing: Option<SourceFile>,
-    /// `registry.json`.
+    /// The registry's shard files (`registry.json`, `registry-1.json`, …: shards.rs).
     pub registry: Vec<SourceFile>,
 }
 
@@ -68,38 +68,8 @@ impl Controller {
         }) {
             return Ok(desired);
         }
-        let bytes: usize = files.registry.iter().map(|f| f.text.len()).sum();
-        if bytes > self.options.max_registry_bytes {
-            // Not retried until the registry changes: remembered as if written.
-            self.status
-                .metrics
-                .writes
-                .get_or_create(&ResultLabel {
-                    result: "too_large",
-                })
-                .inc();
-            tracing::error!(namespace = %ns, bytes, limit = self.options.max_registry_bytes,
-                "the registry does not fit in one ConfigMap: not written, the namespace keeps its last registry \
-                 (watch fewer namespaces with --namespace, or limit what it sees with networking.istio.io/exportTo)");
-            return Ok(desired);
-        }
-        self.apply_config_map(
-            ns,
-            &self.options.registry_config_map,
-            files
-                .registry
-                .iter()
-                .map(|f| (f.name.clone(), f.text.clone()))
-                .collect(),
-            BTreeMap::from([
-                (VERSION_ANNOTATION.to_owned(), desired.version.clone()),
-                (
-                    REGISTRY_HASH_ANNOTATION.to_owned(),
-                    desired.registry_hash.clone(),
-                ),
-            ]),
-        )
-        .await?;
+        self.write_registry(ns, &files.registry, &desired.version)
+            .await?;
         Ok(desired)
     }
 
