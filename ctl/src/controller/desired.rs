@@ -156,6 +156,13 @@ pub fn assemble(
     candidates: &[&IstioObject],
     registry: &[SourceFile],
 ) -> Result<Assembled, Vec<Issue>> {
+    if candidates.is_empty() {
+        // Nothing of the namespace's to check: the registry alone is the registry's business.
+        return Ok(Assembled {
+            text: String::new(),
+            left_out: Vec::new(),
+        });
+    }
     let mut kept: Vec<&IstioObject> = candidates.to_vec();
     let mut left_out = Vec::new();
     loop {
