@@ -63,7 +63,7 @@ spec:
   selector: {matchLabels: {app: web}}
   rules:
   - from: [{source: {principals: ["cluster.local/ns/shop/sa/*"]}}, {source: {ipBlocks: [10.0.0.0/8]}}]
-    to: [{operation: {methods: [GET, HEAD], hosts: ["*.shop.svc.cluster.local"]}}]
+    to: [{operation: {methods: [GET, HEAD], hosts: [web.shop.svc.cluster.local, "web.shop.svc.cluster.local:*"]}}]
     when: [{key: "request.headers[x-tenant]", notValues: [blocked]}]
   - to: [{operation: {ports: ["9090"]}}]
 ---

@@ -761,3 +761,24 @@ fn dump_lists_policies() {
         ])
     );
 }
+
+/// Istio's `HostMatcher`: case-insensitive on `:authority` as sent, so a `:port` is part of it.
+#[test]
+fn hosts_match_the_authority_as_sent() {
+    let snap = must(&authz(
+        "foo",
+        "hosts",
+        r#"{rules: [{to: [{operation: {hosts: [HTTPBIN.foo, "httpbin.foo:*"], notHosts: ["*:9999"]}}]}]}"#,
+    ));
+    // `call` sends `Host: httpbin.foo:8000`.
+    assert!(allowed(&snap, &call("-", 80, Some(("GET", "/")))));
+    let snap = must(&authz(
+        "foo",
+        "hosts",
+        "{rules: [{to: [{operation: {hosts: [httpbin.foo]}}]}]}",
+    ));
+    assert!(
+        !allowed(&snap, &call("-", 80, Some(("GET", "/")))),
+        "the port is part of the host"
+    );
+}

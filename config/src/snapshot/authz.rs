@@ -70,7 +70,8 @@ pub fn principal_namespace(principal: &str) -> Option<&str> {
 /// The HTTP attributes of a request.
 #[derive(Clone, Copy)]
 pub struct HttpRequest<'a> {
-    /// `Host` / `:authority`, as sent (a `:port` may follow).
+    /// `Host` / `:authority`, as sent: a `:port` the client sent is part of it, as in Istio
+    /// (a policy lists `name` and `name:*` to cover both).
     pub host: &'a str,
     pub method: &'a str,
     /// The normalized path; a query (`?…`) or fragment is ignored, as Istio matches Envoy's
@@ -229,25 +230,11 @@ impl Operation {
             return lenient
                 || (self.hosts.is_empty() && self.methods.is_empty() && self.paths.is_empty());
         };
-        let host = Some(http.host);
-        self.hosts
-            .check(|p| host.is_some_and(|h| host_matches(p, h)))
+        // Istio's `HostMatcher`: case-insensitive, on `:authority` as sent (a `:port` included).
+        self.hosts.check(|p| p.matches_ignoring_case(http.host))
             && strings_match(&self.methods, Some(http.method))
             && strings_match(&self.paths, Some(url_path(http.path)))
     }
-}
-
-/// Istio matches `hosts` case-insensitively, with or without the `:port` the client sent.
-fn host_matches(pattern: &Pattern, host: &str) -> bool {
-    pattern.matches_ignoring_case(host)
-        || without_port(host).is_some_and(|name| pattern.matches_ignoring_case(name))
-}
-
-/// `name:port` or `[v6]:port` → the name; `None` when there is no port.
-fn without_port(host: &str) -> Option<&str> {
-    let (name, port) = host.rsplit_once(':')?;
-    let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-    (numeric && (!name.contains(':') || name.ends_with(']'))).then_some(name)
 }
 
 /// The path without its query or fragment (Envoy's `url_path`).
