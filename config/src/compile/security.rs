@@ -35,15 +35,11 @@ impl Compiler {
                 _ => {}
             }
         }
-        // Istio's order: oldest first, then by name, then namespace. RFC 3339 UTC timestamps as
-        // the API server writes them sort as text; untimestamped (file) policies come last.
+        // Istio's `sortConfigByCreationTime`: oldest first, then by name, then namespace. RFC 3339
+        // UTC timestamps as the API server writes them sort as text; no timestamp (a file) sorts
+        // first, as Go's zero time does.
         peer.sort_by(|(ca, a), (cb, b)| {
-            (ca.is_none(), ca, &a.name, &a.namespace).cmp(&(
-                cb.is_none(),
-                cb,
-                &b.name,
-                &b.namespace,
-            ))
+            (ca, &a.name, &a.namespace).cmp(&(cb, &b.name, &b.namespace))
         });
         policies.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         let mut authorization = (Vec::new(), Vec::new(), Vec::new());

@@ -361,9 +361,18 @@ fn oldest_policy_wins_among_equals_and_root_selectors_are_ignored() {
             "z-old",
             "2024-05-01T00:00:00Z",
             "{mtls: {mode: STRICT}}",
-        ) + &pa("foo", "b-untimed", "{mtls: {mode: PERMISSIVE}}")),
+        )),
     );
     assert_eq!(mode(&snap, "foo", "x", 80), MtlsMode::Strict, "oldest wins");
+    let snap = must(
+        &(with_time("foo", "a", "2024-05-01T00:00:00Z", "{mtls: {mode: STRICT}}")
+            + &pa("foo", "b-untimed", "{mtls: {mode: DISABLE}}")),
+    );
+    assert_eq!(
+        mode(&snap, "foo", "x", 80),
+        MtlsMode::Disable,
+        "no timestamp: Go's zero time"
+    );
     let snap = must(
         &(pa(
             "foo",

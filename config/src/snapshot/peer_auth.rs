@@ -4,7 +4,7 @@
 //!   (a selector matching the workload's labels, in the workload's namespace);
 //! - at each level the oldest policy wins (creation time, then name, then namespace — Istio's
 //!   sort); a policy without `metadata.creationTimestamp` (a file, not a cluster object) counts
-//!   as newer than any with one;
+//!   as older than any with one, as Go's zero time does in Istio;
 //! - applied mesh → namespace → workload → `portLevelMtls`, each `UNSET` (or missing) mode
 //!   inheriting the one before; nothing set at all is `PERMISSIVE`;
 //! - a selector policy in the root namespace is ignored, as Istio documents ("PeerAuthentication
