@@ -714,7 +714,7 @@ async fn routing_configmap_is_written_from_istio_objects_and_invalid_ones_become
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_istio_crd_does_not_block_readiness() {
+async fn a_missing_istio_crd_does_not_block_readiness_and_the_root_namespace_is_watched() {
     let Some((_kmock, client)) =
         start_kmock("networking.istio.io/v1/sidecars,networking.istio.io/v1/destinationrules")
             .await
@@ -726,14 +726,20 @@ async fn a_missing_istio_crd_does_not_block_readiness() {
         .create(&pp, &pod("web-5f6d-a", "5f6d", "v1"))
         .await
         .unwrap();
-    // The ConfigMap path stands in for the missing kinds.
-    Api::<ConfigMap>::namespaced(client.clone(), "shop")
-        .create(&pp, &istio_config_map("shop", "routes", ROUTING))
+    // The ConfigMap path stands in for the missing kinds: the mesh-wide Sidecar, in the root
+    // namespace, which is watched though only shop is listed.
+    let root_sidecar = ROUTING.replace("namespace: shop", "namespace: isthmus-system");
+    Api::<ConfigMap>::namespaced(client.clone(), "isthmus-system")
+        .create(
+            &pp,
+            &istio_config_map("isthmus-system", "mesh", &root_sidecar),
+        )
         .await
         .unwrap();
     let controller = run_controller(
         &client,
         Options {
+            namespaces: vec!["shop".into()],
             monitoring: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(50),
             ..Options::default()
@@ -745,7 +751,18 @@ async fn a_missing_istio_crd_does_not_block_readiness() {
         .get("isthmus-config")
         .await
         .unwrap();
-    assert_eq!(routing_documents(&routing), ["Sidecar shop/default"]);
+    assert_eq!(
+        routing_documents(&routing),
+        ["Sidecar isthmus-system/default"]
+    );
+    assert!(
+        Api::<ConfigMap>::namespaced(client.clone(), "isthmus-system")
+            .get_opt("isthmus-config")
+            .await
+            .unwrap()
+            .is_none(),
+        "the root namespace is read, not meshed"
+    );
     controller.stop().await;
 }
 

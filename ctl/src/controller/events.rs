@@ -29,12 +29,11 @@ pub struct Reporter {
 
 impl Reporter {
     /// Reports what changed since the last call: an Event and a log line for each object whose
-    /// note differs from the last one reported. Returns false when an Event could not be
-    /// written (it is tried again on the next call).
-    pub async fn report(&mut self, client: &Client, instance: &str, invalid: &[Invalid]) -> bool {
+    /// note differs from the last one reported. An Event that cannot be written is logged and
+    /// tried again on the next call.
+    pub async fn report(&mut self, client: &Client, instance: &str, invalid: &[Invalid]) {
         let notes = notes(invalid);
         self.reported.retain(|key, _| notes.contains_key(key));
-        let mut ok = true;
         for ((key, origin), note) in notes {
             if self.reported.get(&(key.clone(), origin.clone())) == Some(&note) {
                 continue;
@@ -46,12 +45,10 @@ impl Reporter {
                     self.reported.insert((key, origin), note);
                 }
                 Err(e) => {
-                    ok = false;
                     tracing::warn!(namespace = %key.namespace, error = %e, "writing an Event failed; retrying (may the controller create events.k8s.io events?)");
                 }
             }
         }
-        ok
     }
 }
 

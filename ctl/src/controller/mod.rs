@@ -363,26 +363,39 @@ impl Controller {
 
         let notify = Arc::new(Notify::new());
         let stores = Stores {
-            services: self.watch::<Service>("Service", &notify, watcher::Config::default()),
+            services: self.watch::<Service>(
+                &self.options.namespaces,
+                "Service",
+                &notify,
+                watcher::Config::default(),
+            ),
             slices: self.watch::<EndpointSlice>(
+                &self.options.namespaces,
                 "EndpointSlice",
                 &notify,
                 watcher::Config::default(),
             ),
-            pods: self.watch::<Pod>("Pod", &notify, watcher::Config::default()),
+            pods: self.watch::<Pod>(
+                &self.options.namespaces,
+                "Pod",
+                &notify,
+                watcher::Config::default(),
+            ),
             istio_config_maps: self.watch::<ConfigMap>(
+                &self.istio_namespaces(),
                 "ConfigMap",
                 &notify,
                 watcher::Config::default().labels(&format!("{ISTIO_CONFIG_LABEL}=true")),
             ),
             managed: self.watch::<ConfigMap>(
+                &self.options.namespaces,
                 "ConfigMap",
                 &notify,
                 watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}")),
             ),
             istio: istio::watch_kinds(
                 &self.client,
-                &self.options.namespaces,
+                &self.istio_namespaces(),
                 &notify,
                 &self.status,
             ),
@@ -443,10 +456,21 @@ impl Controller {
         }
     }
 
-    /// Starts a watcher of `K` per watched namespace (or one for all), each feeding a reflector
-    /// store and waking the reconciler on every event.
+    /// Where the Istio inputs are watched: the watched namespaces and, when they are listed,
+    /// the root namespace too (its Sidecar is every namespace's default).
+    fn istio_namespaces(&self) -> Vec<String> {
+        let mut namespaces = self.options.namespaces.clone();
+        if !namespaces.is_empty() && !namespaces.contains(&self.options.root_namespace) {
+            namespaces.push(self.options.root_namespace.clone());
+        }
+        namespaces
+    }
+
+    /// Starts a watcher of `K` per namespace of `namespaces` (empty: one for all), each
+    /// feeding a reflector store and waking the reconciler on every event.
     fn watch<K>(
         &self,
+        namespaces: &[String],
         kind: &'static str,
         notify: &Arc<Notify>,
         config: watcher::Config,
@@ -461,11 +485,10 @@ impl Controller {
             + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone,
     {
-        let apis: Vec<Api<K>> = if self.options.namespaces.is_empty() {
+        let apis: Vec<Api<K>> = if namespaces.is_empty() {
             vec![Api::all(self.client.clone())]
         } else {
-            self.options
-                .namespaces
+            namespaces
                 .iter()
                 .map(|ns| Api::namespaced(self.client.clone(), ns))
                 .collect()

@@ -113,7 +113,9 @@ impl Controller {
         }
         written.forget_unmeshed(&meshed);
         ok &= self.collect_garbage(&managed, &meshed, written).await;
-        ok &= written
+        // An Event that cannot be written is tried again on the next reconcile; it does not
+        // make this one fail (missing events permission must not keep the controller unready).
+        written
             .reporter
             .report(&self.client, &self.options.instance, &invalid)
             .await;
