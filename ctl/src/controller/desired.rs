@@ -221,13 +221,13 @@ fn issues(error: ConfigError) -> Vec<Issue> {
     }
 }
 
-/// The object an issue of the routing file names: its location is
-/// `config.json: <Kind> <namespace>/<name>` ([`isthmus_config::parse::Document::location`]).
+/// The object an issue names: its location is `<file>: <Kind> <namespace>/<name>`
+/// ([`isthmus_config::parse::Document::location`]). Any file: a registry document with the
+/// kind, namespace and name of a candidate (a ServiceEntry named like a Service of its
+/// namespace) is a duplicate the candidate is blamed for — the Service is not the user's to
+/// rename.
 fn issue_object(issue: &Issue) -> Option<ObjectKey> {
-    let rest = issue
-        .location
-        .strip_prefix(ROUTING_KEY)?
-        .strip_prefix(": ")?;
+    let (_file, rest) = issue.location.split_once(": ")?;
     let (kind, path) = rest.split_once(' ')?;
     let (namespace, name) = path.split_once('/')?;
     Some(ObjectKey {

@@ -261,3 +261,26 @@ fn an_invalid_object_does_not_take_down_a_valid_one_for_the_same_host() {
     );
     assert_eq!(assembled.left_out[0].consumer, None, "its own namespace");
 }
+
+#[test]
+fn a_service_entry_named_like_a_service_is_left_out_not_the_namespace() {
+    // The registry's entry for Service shop/reviews and a user's ServiceEntry of that name:
+    // the sidecar reports the registry's document as the duplicate; the user's is blamed.
+    let same_name = object(
+        "ServiceEntry",
+        "shop",
+        "reviews",
+        json!({"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https", "protocol": "HTTPS"}],
+               "resolution": "DNS"}),
+    );
+    let objects = [same_name];
+    let all: Vec<&IstioObject> = objects.iter().collect();
+    let assembled = assemble("shop", &all, &registry()).unwrap();
+    assert!(assembled.text.is_empty());
+    assert_eq!(assembled.left_out.len(), 1, "{:?}", assembled.left_out);
+    assert_eq!(
+        assembled.left_out[0].key.to_string(),
+        "ServiceEntry shop/reviews"
+    );
+    assert_eq!(assembled.left_out[0].field, "metadata.name");
+}
