@@ -37,6 +37,10 @@ pub struct AdminState {
     pub limits: AdminLimits,
     /// The app's own probes, run on the kubelet's behalf.
     pub probers: AppProbers,
+    /// The workload identity, shown in `/config_dump`. Readiness does not wait for it yet:
+    /// nothing uses the certificate before the mTLS data path (TODO there: not ready without
+    /// a valid certificate when mTLS is in use, as Istio's sidecar).
+    pub identity: crate::identity::Workload,
 }
 
 /// Bounds on the admin endpoints, which must answer probes whatever clients do.
@@ -254,6 +258,7 @@ fn route(role: Role, method: &str, target: &str, state: &AdminState) -> Response
             let mut dump = state.store.dump();
             dump["proxy"] = state.info.clone();
             dump["proxy"]["ready"] = json!(state.ready());
+            dump["identity"] = state.identity.dump();
             Response::json(&dump)
         }
         (Role::Admin, "/quitquitquit") if method == "POST" => {
@@ -302,6 +307,7 @@ mod tests {
             info: json!({}),
             limits,
             probers: AppProbers::default(),
+            identity: crate::identity::Workload::Disabled("test".into()),
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -135,6 +135,42 @@ pub struct Args {
     /// unset.
     #[arg(long, env = "POD_IP")]
     pub pod_ip: Option<IpAddr>,
+    /// The mesh CA, `host:port` (the controller's `--ca-listen`; the injector's is
+    /// `isthmus-controller.isthmus-system.svc:15012`). Setting it turns on the workload
+    /// identity, when the token file exists: a key made in memory, a certificate from the CA.
+    #[arg(long, env = "ISTHMUS_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM roots the CA's TLS certificate must chain to; default: `trust-bundle.pem` in the
+    /// config directory (the controller publishes it there).
+    #[arg(long, env = "ISTHMUS_CA_ROOT")]
+    pub ca_root: Option<PathBuf>,
+    /// The name the CA's TLS certificate must carry.
+    #[arg(long, default_value = "isthmus-controller.isthmus-system.svc")]
+    pub ca_server_name: String,
+    /// The projected service-account token (audience `isthmus-ca`) sent to the CA; re-read
+    /// for every request.
+    #[arg(
+        long,
+        env = "ISTHMUS_CA_TOKEN",
+        default_value = "/var/run/secrets/isthmus/tokens/token"
+    )]
+    pub ca_token: PathBuf,
+    /// SPIFFE trust domain of the workload identity.
+    #[arg(long, env = "ISTHMUS_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The pod's service account (downward API): the `sa` of its SPIFFE identity.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// Validity asked of the CA for the workload certificate (it caps at 7 days); renewed at
+    /// half of it.
+    #[arg(long, default_value_t = 86_400)]
+    pub cert_validity_secs: u64,
+    /// First retry delay after a failed certificate request; doubles up to
+    /// `--ca-retry-max-secs`.
+    #[arg(long, default_value_t = 1000)]
+    pub ca_retry_initial_ms: u64,
+    #[arg(long, default_value_t = 60)]
+    pub ca_retry_max_secs: u64,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

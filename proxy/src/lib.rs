@@ -7,8 +7,9 @@
 //! bounded) → outcome recorded once ([`telemetry`], [`metrics`]); [`serve`] strings them
 //! together. Around them: [`state`] (snapshot store), [`watch`] (config watcher thread),
 //! [`drain`] (the shutdown signal), [`admin`] (with [`app_probe`], the app's probes run for the
-//! kubelet), [`process`] and [`runtime`] (io_uring or epoll, thread-per-core); [`wait`] is the
-//! `isthmus-proxy wait` command.
+//! kubelet), [`identity`] (the workload certificate from the mesh CA), [`process`] and
+//! [`runtime`] (io_uring or epoll, thread-per-core); [`wait`] is the `isthmus-proxy wait`
+//! command.
 
 pub mod admin;
 pub mod app_probe;
@@ -19,6 +20,7 @@ pub mod detect;
 pub mod dns;
 pub mod drain;
 pub mod http;
+pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod outlier;

@@ -187,6 +187,11 @@ pub struct Metrics {
     pub connection_timeouts: Family<TimeoutLabels, Counter>,
     pub admin_refused: Counter,
     pub relay_buffer_bytes: Gauge,
+    /// Unix time the workload certificate expires; 0 while the sidecar holds none.
+    pub certificate_expiry: Gauge<f64, AtomicU64>,
+    /// Certificate requests to the CA by result (`success`, `denied`, `unavailable`,
+    /// `invalid`, `local_error`).
+    pub certificate_requests: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Default)]
@@ -352,8 +357,24 @@ impl Metrics {
             "Bytes held in relay buffers (they grow for bulk transfers and shrink when idle)",
             relay_buffer_bytes.clone(),
         );
+        let certificate_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "isthmus_proxy_certificate_expiry_timestamp_seconds",
+            "Unix time the workload certificate expires (0: none held)",
+            certificate_expiry.clone(),
+        );
+        let certificate_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "isthmus_proxy_certificate_requests",
+            "Workload certificate requests to the CA by result: success, denied (the CA \
+             refused: 4xx), unavailable (unreachable, TLS failed, 5xx, timeout), invalid (an \
+             answer not for this identity or key), local_error (token or root unreadable)",
+            certificate_requests.clone(),
+        );
         Metrics {
             registry,
+            certificate_expiry,
+            certificate_requests,
             relay_buffer_bytes,
             connections_refused,
             accept_errors,

@@ -184,6 +184,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
         .build()
         .map_err(RunError::Control)?;
     control.block_on(async move {
+        let identity = crate::identity::start(&args, metrics.clone());
         let admin_state = Arc::new(AdminState {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -207,6 +208,7 @@ pub fn run(args: Args, set_log_level: SetLogLevel) -> Result<(), RunError> {
                 max_connections: args.admin_max_connections.max(1),
             },
             probers,
+            identity,
         });
         let endpoints = [
             (
