@@ -175,7 +175,10 @@ mod tests {
         assert_eq!(c.trust_bundle.len(), 1);
         assert!(c.info.not_after > SystemTime::now() + Duration::from_secs(3500));
         assert!(!c.info.serial.is_empty());
-        assert!(!format!("{c:?}").contains("key:"), "Debug never shows the key");
+        assert!(
+            !format!("{c:?}").contains("key:"),
+            "Debug never shows the key"
+        );
     }
 
     #[test]
@@ -195,7 +198,13 @@ mod tests {
         ));
         let (leaf, ca) = issue(&key, &[ID], 3600);
         assert!(matches!(
-            Certified::new(&key, ID, &[leaf.clone()], &ca, now + Duration::from_secs(7200)),
+            Certified::new(
+                &key,
+                ID,
+                std::slice::from_ref(&leaf),
+                &ca,
+                now + Duration::from_secs(7200)
+            ),
             Err(InvalidCertificate::Expired)
         ));
         assert!(matches!(
