@@ -85,7 +85,8 @@ pub fn candidates<'a>(objects: &'a [IstioObject], ns: &str, root: &str) -> Vec<&
             );
         }
     }
-    let own_hosts: Vec<(&str, String)> = claims.keys().cloned().collect();
+    // A set: a namespace may import thousands of objects (istio#26060 had 30k VirtualServices).
+    let own_hosts: std::collections::HashSet<(&str, String)> = claims.keys().cloned().collect();
     for object in &imported {
         for host in object.hosts() {
             let r = rank(object, &host);
