@@ -248,20 +248,23 @@ fn main() -> ExitCode {
             root_namespace,
             gc_grace_secs,
             replicas,
-        } => replicas.options().and_then(|(leader_election, webhook)| {
-            controller(isthmus_ctl::controller::Options {
-                namespaces,
-                monitoring,
-                debounce: std::time::Duration::from_millis(debounce_ms),
-                routing_config_map: config_map,
-                registry_config_map,
-                root_namespace,
-                gc_grace: std::time::Duration::from_secs(gc_grace_secs),
-                leader_election,
-                webhook,
-                ..isthmus_ctl::controller::Options::default()
-            })
-        }),
+        } => replicas
+            .options()
+            .and_then(|(leader_election, webhook, ca)| {
+                controller(isthmus_ctl::controller::Options {
+                    namespaces,
+                    monitoring,
+                    debounce: std::time::Duration::from_millis(debounce_ms),
+                    routing_config_map: config_map,
+                    registry_config_map,
+                    root_namespace,
+                    gc_grace: std::time::Duration::from_secs(gc_grace_secs),
+                    leader_election,
+                    webhook,
+                    ca,
+                    ..isthmus_ctl::controller::Options::default()
+                })
+            }),
         Command::ProxyStatus {
             namespace,
             all_namespaces,
@@ -299,7 +302,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The controller's leader election and injection webhook (docs/OPERATIONS.md, "The
+/// The controller's leader election, injection webhook and CA (docs/OPERATIONS.md, "The
 /// controller"). The controller's own namespace and name come from the downward API.
 #[derive(clap::Args)]
 struct ReplicaFlags {
@@ -329,6 +332,15 @@ struct ReplicaFlags {
     /// Image tag of the injected images (overrides the inject config's).
     #[arg(long)]
     tag: Option<String>,
+    /// Where the CA issues workload certificates over HTTPS (POST /v1/certificates), or `off`.
+    #[arg(long, value_name = "ADDR|off", default_value = "[::]:15012")]
+    ca_listen: String,
+    /// The trust domain of the workload identities (spiffe://DOMAIN/ns/NS/sa/SA).
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The audience a sidecar's projected token must be for (the injector's token has it).
+    #[arg(long, value_name = "AUDIENCE", default_value = "isthmus-ca")]
+    token_audience: String,
     /// The controller's namespace: its Lease, its CA Secret, its Service.
     #[arg(
         long,
@@ -348,6 +360,7 @@ impl ReplicaFlags {
     ) -> anyhow::Result<(
         Option<isthmus_ctl::controller::lease::LeaseOptions>,
         Option<isthmus_ctl::controller::admission::WebhookOptions>,
+        Option<isthmus_ctl::controller::issuer::IssuerOptions>,
     )> {
         let leader_election = if self.leader_elect {
             let identity = match self.pod_name {
@@ -364,6 +377,20 @@ impl ReplicaFlags {
             ))
         } else {
             None
+        };
+        let ca = if self.ca_listen == "off" {
+            None
+        } else {
+            Some(isthmus_ctl::controller::issuer::IssuerOptions {
+                listen: self.ca_listen.parse().with_context(|| {
+                    format!("--ca-listen {:?}: not an address or off", self.ca_listen)
+                })?,
+                namespace: self.pod_namespace.clone(),
+                service: self.service.clone(),
+                ca_secret: self.ca_secret.clone(),
+                trust_domain: self.trust_domain,
+                token_audience: self.token_audience,
+            })
         };
         let webhook = if self.webhook == "off" {
             None
@@ -384,7 +411,7 @@ impl ReplicaFlags {
                 inject,
             })
         };
-        Ok((leader_election, webhook))
+        Ok((leader_election, webhook, ca))
     }
 }
 
@@ -404,12 +431,14 @@ fn controller(options: isthmus_ctl::controller::Options) -> anyhow::Result<()> {
             "no Kubernetes client config: in a pod, is a service account token mounted? \
              outside, is KUBECONFIG set?",
         )?;
+        // Registered now, not when `run` first polls `shutdown`: a SIGTERM while the CA and the
+        // servers start (the Lease may be held by then) is a clean stop, not the default death.
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => return std::future::pending().await,
-                };
+            let mut term = match term {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

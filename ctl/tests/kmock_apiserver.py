@@ -27,10 +27,18 @@ resources the controller reads and writes declared, and two gaps filled so kube-
   the real API server does: a stale version answers 409 Conflict and changes nothing (leader
   election and the webhook configuration's caBundle depend on it); kmock has no PUT otherwise.
 
+- TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`), answered from a token table
+  the test seeds as ConfigMap `kmock-tokens` in namespace `kmock-system`: each data key is a
+  token, its value JSON `{"username": "system:serviceaccount:NS:SA", "audiences": [...]}`. As the
+  real API server does: a token not in the table is `authenticated: false` with an error; the
+  requested `spec.audiences` (none: the token's own) intersected with the token's are
+  `status.audiences`, and an empty intersection is `authenticated: false`.
+
 Prints the port it listens on (127.0.0.1) and serves until its stdin closes.
 """
 import asyncio
 import itertools
+import json
 import os
 import sys
 
@@ -63,6 +71,8 @@ RESOURCES = {
     "networking.istio.io/v1/serviceentries": ("ServiceEntry", True),
     "networking.istio.io/v1/sidecars": ("Sidecar", True),
     "events.k8s.io/v1/events": ("Event", True),
+    # the controller's CA (ctl/tests/ca_kmock.rs): create only, answered from kmock-tokens
+    "authentication.k8s.io/v1/tokenreviews": ("TokenReview", False),
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 versions = itertools.count(1)
@@ -88,6 +98,8 @@ kmock._internal.parsing.parse_path = parse_path
 
 class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request):
+        if request.resource is not None and request.resource.plural == "tokenreviews" and request.method == "POST":
+            return await self._review_token(request)
         if (
             request.resource is not None
             and request.resource.plural == "pods"
@@ -179,6 +191,34 @@ class Emulator(kmock.KubernetesEmulator):
                 "message": f"error trying to reach service: {type(e).__name__}: {e} ({url})",
             }
             return aiohttp.web.json_response(status, status=503)
+
+    async def _review_token(self, request):
+        """TokenReview against the `kmock-tokens` table (see the module docstring)."""
+        review = request.data if isinstance(request.data, dict) else {}
+        token = review.get("spec", {}).get("token") or ""
+        wanted = review.get("spec", {}).get("audiences") or []
+        entry = None
+        async with self._lock:
+            for key, obj in self.objects.items():
+                meta = obj.raw.get("metadata", {})
+                if key[0].plural == "configmaps" and not obj.deleted and \
+                        (meta.get("namespace"), meta.get("name")) == ("kmock-system", "kmock-tokens"):
+                    entry = obj.raw.get("data", {}).get(token)
+        status = {"authenticated": False}
+        if entry is None:
+            status["error"] = "[invalid bearer token, token lookup failed]"
+        else:
+            entry = json.loads(entry)
+            have = entry.get("audiences", [])
+            common = [a for a in wanted if a in have] if wanted else have
+            if common:
+                status = {"authenticated": True, "audiences": common,
+                          "user": {"username": entry["username"], "uid": "kmock", "groups": []}}
+            else:
+                status["error"] = f"[invalid bearer token, token audiences {have} is invalid for the target audiences {wanted}]"
+        answer = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                  "metadata": {"creationTimestamp": None}, "spec": review.get("spec", {}), "status": status}
+        return aiohttp.web.json_response(answer, status=201)
 
     async def _render_error(self, exc):
         if isinstance(exc, kmock.KubernetesNotFoundError):

@@ -7,36 +7,21 @@
 mod support;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_ctl::controller::admission::WebhookOptions;
 use isthmus_ctl::controller::certs;
 use isthmus_ctl::controller::lease::LeaseOptions;
-use isthmus_ctl::controller::{Controller, Options, Status};
+use isthmus_ctl::controller::Options;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
+use support::controller::{ca_pem, metric, spawn, wait_for, NS};
 use support::kmock::Kmock;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
-
-const NS: &str = "isthmus-system";
-const SNI: &str = "isthmus-controller.isthmus-system.svc";
-
-async fn wait_for<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn options() -> Options {
     Options {
@@ -47,90 +32,9 @@ fn options() -> Options {
     }
 }
 
-/// A controller running in this process until the returned sender is dropped or fired.
-fn spawn(
-    client: &Client,
-    options: Options,
-) -> (
-    Arc<Status>,
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let controller = Controller::new(client.clone(), options);
-    let status = controller.status();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        controller.run(shutdown).await.unwrap();
-    });
-    (status, stop, task)
-}
-
-async fn ca_pem(client: &Client) -> String {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    wait_for("the CA Secret", Duration::from_secs(20), async || {
-        let secret = secrets.get_opt("isthmus-ca").await.unwrap()?;
-        let data = secret.data?;
-        assert!(data.contains_key("ca.key"));
-        Some(String::from_utf8(data.get("ca.crt")?.0.clone()).unwrap())
-    })
-    .await
-}
-
-/// One HTTP/1.1 request over TLS to `addr`, trusting only `ca`, with SNI [`SNI`]: the status
-/// code and the body.
+/// An AdmissionReview POSTed to the webhook.
 async fn post(addr: std::net::SocketAddr, ca: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(SNI).unwrap(), tcp)
-        .await
-        .expect("TLS handshake with a client that trusts only ca.crt");
-    let mut request = format!(
-        "POST /inject HTTP/1.1\r\nhost: {SNI}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(body);
-    tls.write_all(&request).await.unwrap();
-    let mut response = Vec::new();
-    tls.read_to_end(&mut response).await.unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head")
-        + 4;
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, response[split..].to_vec())
-}
-
-/// The value of the sample `series` (name and labels, as printed) on the monitoring port.
-async fn metric(status: &Status, series: &str) -> Option<f64> {
-    let addr = status.monitoring_addr()?;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    support::controller::post(addr, ca, "/inject", &[], body).await
 }
 
 fn webhook_options(config: Option<&str>) -> WebhookOptions {
@@ -370,7 +274,7 @@ async fn the_binary_takes_its_identity_and_namespace_from_the_downward_api_and_r
             "--monitoring",
             "127.0.0.1:0",
         ])
-        .args(["--webhook", "127.0.0.1:0"])
+        .args(["--webhook", "127.0.0.1:0", "--ca-listen", "127.0.0.1:0"])
         .env("KUBECONFIG", &kubeconfig)
         .env("POD_NAME", "isthmus-controller-7d9f-x2")
         .env("POD_NAMESPACE", "mesh-control")

@@ -11,11 +11,10 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
-use tokio::task::JoinHandle;
 
-use super::certs::{self, CertError, CertificateAuthority, ServingCert};
+use super::certs::{CertificateAuthority, ServingCert};
 use super::lease::Leadership;
-use super::webhook;
+use super::{https, webhook};
 use crate::inject::InjectConfig;
 
 /// The webhook's flags.
@@ -38,29 +37,10 @@ pub struct WebhookOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
-    #[error(transparent)]
-    Cert(#[from] CertError),
     #[error("invalid inject config: {0}")]
     Inject(#[from] crate::inject::InjectError),
-    #[error("cannot listen for the webhook on {addr}: {source} (is another process on that port? --webhook changes it)")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// The running webhook: its address and tasks (aborted on drop).
-pub struct Admission {
-    pub addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
+    #[error("the webhook: {0} (--webhook changes the address)")]
+    Bind(#[from] https::BindError),
 }
 
 /// Loads (or makes) the CA, binds the listener and starts serving. The caBundle is written
@@ -70,42 +50,44 @@ pub async fn start(
     options: &WebhookOptions,
     leadership: Leadership,
     metrics: webhook::Metrics,
-) -> Result<Admission, AdmissionError> {
+) -> Result<https::Running, AdmissionError> {
     options.inject.validate()?;
-    let ca = Arc::new(certs::load_or_create(client, &options.namespace, &options.ca_secret).await?);
-    let names = ServingCert::service_names(&options.service, &options.namespace);
-    let cert = Arc::new(ServingCert::new(&ca, names)?);
-    let tls = certs::server_config(cert.clone())?;
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| AdmissionError::Bind {
-            addr: options.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().unwrap_or(options.listen);
+    let bound = https::bind(
+        client,
+        &options.namespace,
+        &options.service,
+        &options.ca_secret,
+        options.listen,
+    )
+    .await?;
+    let addr = bound.addr;
     tracing::info!(%addr, path = webhook::PATH, service = %options.service, "serving the injection webhook");
     let mut tasks = vec![
-        tokio::spawn(webhook::serve(
-            listener,
-            tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-            Arc::new(options.inject.clone()),
-            metrics,
+        tokio::spawn(https::serve(
+            bound.listener,
+            bound.acceptor,
+            webhook::LIMITS,
+            Arc::new(webhook::Webhook {
+                config: options.inject.clone(),
+                metrics,
+            }),
+            "webhook",
         )),
-        tokio::spawn(renew(ca.clone(), cert)),
+        tokio::spawn(renew(bound.ca.clone(), bound.cert)),
     ];
     if let Some(name) = &options.webhook_config {
         tasks.push(tokio::spawn(keep_ca_bundle(
             client.clone(),
             name.clone(),
-            ca.cert_pem().as_bytes().to_vec(),
+            bound.ca.cert_pem().as_bytes().to_vec(),
             leadership,
         )));
     }
-    Ok(Admission { addr, tasks })
+    Ok(https::Running::new(addr, tasks))
 }
 
 /// Re-issues the serving certificate after two thirds of its life.
-async fn renew(ca: Arc<CertificateAuthority>, cert: Arc<ServingCert>) {
+pub(super) async fn renew(ca: Arc<CertificateAuthority>, cert: Arc<ServingCert>) {
     loop {
         let wait = cert
             .renew_at()
@@ -113,9 +95,9 @@ async fn renew(ca: Arc<CertificateAuthority>, cert: Arc<ServingCert>) {
             .unwrap_or(Duration::ZERO);
         tokio::time::sleep(wait).await;
         match cert.renew(&ca) {
-            Ok(()) => tracing::info!("webhook serving certificate renewed"),
+            Ok(()) => tracing::info!("serving certificate renewed"),
             Err(e) => {
-                tracing::error!(error = %e, "renewing the webhook serving certificate failed; retrying in a minute");
+                tracing::error!(error = %e, "renewing a serving certificate failed; retrying in a minute");
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
         }

@@ -141,6 +141,15 @@ impl CertificateAuthority {
         })
     }
 
+    /// Signs `params` for a key the CA never sees (a workload's, from its CSR): the PEM.
+    pub fn sign_public_key(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, CertError> {
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
+    }
+
     /// A TLS server certificate for `dns_names`, valid [`SERVING_LIFETIME`] from `now`.
     pub fn serving_certificate(
         &self,

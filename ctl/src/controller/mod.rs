@@ -22,8 +22,12 @@
 
 pub mod admission;
 pub mod certs;
+pub mod csr;
 pub mod desired;
 mod events;
+pub mod https;
+pub mod identity;
+pub mod issuer;
 pub mod istio;
 pub mod lease;
 mod reconcile;
@@ -106,6 +110,8 @@ pub struct Options {
     pub leader_election: Option<lease::LeaseOptions>,
     /// The injection webhook; `None`: not served.
     pub webhook: Option<admission::WebhookOptions>,
+    /// The CA endpoint (workload certificates); `None`: not served.
+    pub ca: Option<issuer::IssuerOptions>,
 }
 
 impl Default for Options {
@@ -126,6 +132,7 @@ impl Default for Options {
                 .unwrap_or_else(|_| FIELD_MANAGER.into()),
             leader_election: None,
             webhook: None,
+            ca: None,
         }
     }
 }
@@ -139,6 +146,8 @@ pub enum ControllerError {
     },
     #[error(transparent)]
     Webhook(#[from] admission::AdmissionError),
+    #[error(transparent)]
+    Issuer(#[from] issuer::IssuerError),
     #[error("a watcher stopped before its first full list (is the API server reachable, and may the controller's service account list {0}?)")]
     WatcherGone(&'static str),
 }
@@ -151,6 +160,7 @@ pub struct Status {
     writes: AtomicU64,
     monitoring: std::sync::OnceLock<SocketAddr>,
     webhook: std::sync::OnceLock<SocketAddr>,
+    ca: std::sync::OnceLock<SocketAddr>,
     metrics: Metrics,
 }
 
@@ -171,6 +181,10 @@ impl Status {
     /// The webhook's address once bound.
     pub fn webhook_addr(&self) -> Option<SocketAddr> {
         self.webhook.get().copied()
+    }
+    /// The CA endpoint's address once bound.
+    pub fn ca_addr(&self) -> Option<SocketAddr> {
+        self.ca.get().copied()
     }
     /// ConfigMap writes (server-side applies) done.
     pub fn writes(&self) -> u64 {
@@ -343,6 +357,17 @@ impl Controller {
                     admission::start(&self.client, options, leadership.clone(), metrics).await?;
                 let _ = self.status.webhook.set(webhook.addr);
                 Some(webhook)
+            }
+            None => None,
+        };
+        // Every replica issues: the CA is shared through its Secret.
+        let _issuer = match &self.options.ca {
+            Some(options) => {
+                let metrics = issuer::Metrics::default();
+                metrics.register(&mut registry);
+                let issuer = issuer::start(&self.client, options, metrics).await?;
+                let _ = self.status.ca.set(issuer.addr);
+                Some(issuer)
             }
             None => None,
         };

@@ -8,11 +8,9 @@
 //! without a traffic annotation would capture traffic the operator excluded). Anything that is
 //! not a Pod CREATE is allowed unchanged.
 //!
-//! HTTP/1.1 by hand, as on the monitoring port: the API server sends one JSON body per request
-//! with a `content-length`, on kept-alive connections. Bodies are bounded, every read has a
+//! HTTP/1.1 over TLS by [`https`] (shared with the CA): bodies are bounded, every read has a
 //! deadline, and garbage gets a 400.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -20,10 +18,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
+use super::https;
 use crate::inject::{self, patch, InjectConfig, Outcome};
 
 /// The path the webhook configuration names.
@@ -36,7 +32,6 @@ const MAX_HEAD: usize = 16 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A kept-alive connection with no request for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request got no AdmissionReview answer (HTTP 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -175,211 +170,52 @@ fn pod_name(request: &Value, pod: &Value) -> String {
     format!("{ns}/{name}")
 }
 
-/// Serves the webhook on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    config: Arc<InjectConfig>,
-    metrics: Metrics,
-) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "webhook accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (acceptor, config, metrics) = (acceptor.clone(), config.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            if let Err(e) = connection(tls, &config, &metrics).await {
-                tracing::debug!(%peer, error = %e, "webhook connection ended");
-            }
-        });
-    }
+/// The webhook's bounds on a request.
+pub const LIMITS: https::Limits = https::Limits {
+    max_head: MAX_HEAD,
+    max_body: MAX_BODY,
+    read_timeout: READ_TIMEOUT,
+    idle_timeout: IDLE_TIMEOUT,
+};
+
+/// The webhook's requests: `POST /inject` only.
+pub struct Webhook {
+    pub config: InjectConfig,
+    pub metrics: Metrics,
 }
 
-/// One request, parsed as far as the webhook needs.
-struct Request {
-    method: String,
-    path: String,
-    body: Vec<u8>,
-    close: bool,
-}
-
-enum Read {
-    Request(Request),
-    /// The peer closed (or went idle) between requests.
-    Closed,
-    /// Answer with this status and close.
-    Refuse(u16, &'static str),
-}
-
-/// Requests on one connection, kept alive until the peer closes, idles or errs.
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    config: &InjectConfig,
-    metrics: &Metrics,
-) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    loop {
-        let request = match read_request(&mut stream, &mut buf).await? {
-            Read::Request(r) => r,
-            Read::Closed => return Ok(()),
-            Read::Refuse(code, message) => {
-                metrics.count("bad_request");
-                respond(&mut stream, code, "text/plain", message.as_bytes(), true).await?;
-                return Ok(());
-            }
-        };
-        let (code, content_type, body) = match (request.method.as_str(), request.path.as_str()) {
-            ("POST", PATH) => match review(&request.body, config) {
+impl https::Handler for Webhook {
+    async fn handle(&self, request: https::Request) -> https::Response {
+        match (request.method.as_str(), request.path.as_str()) {
+            ("POST", PATH) => match review(&request.body, &self.config) {
                 Ok((answer, verdict)) => {
-                    metrics.count(match verdict {
+                    self.metrics.count(match verdict {
                         Verdict::Injected => "injected",
                         Verdict::Skipped => "skipped",
                         Verdict::Denied => "denied",
                     });
-                    (200, "application/json", answer.to_string().into_bytes())
+                    https::Response::json(200, &answer)
                 }
                 Err(e) => {
-                    metrics.count("bad_request");
-                    (400, "text/plain", format!("{e}\n").into_bytes())
+                    self.metrics.count("bad_request");
+                    https::Response::text(400, format!("{e}\n"))
                 }
             },
-            (_, PATH) => (405, "text/plain", b"POST only\n".to_vec()),
-            _ => (404, "text/plain", b"not found: POST /inject\n".to_vec()),
-        };
-        respond(&mut stream, code, content_type, &body, request.close).await?;
-        if request.close {
-            return Ok(());
+            (_, PATH) => https::Response::text(405, "POST only\n"),
+            _ => https::Response::text(404, "not found: POST /inject\n"),
         }
     }
-}
 
-async fn read_request<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Read> {
-    let mut chunk = vec![0u8; 16 * 1024];
-    let head_end = loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(Read::Refuse(431, "request head too large\n"));
-        }
-        let deadline = if buf.is_empty() {
-            IDLE_TIMEOUT
-        } else {
-            READ_TIMEOUT
-        };
-        match tokio::time::timeout(deadline, stream.read(&mut chunk)).await {
-            Err(_) if buf.is_empty() => return Ok(Read::Closed),
-            Err(_) => return Ok(Read::Refuse(408, "request head not received in time\n")),
-            Ok(Ok(0)) if buf.is_empty() => return Ok(Read::Closed),
-            Ok(Ok(0)) => return Ok(Read::Closed),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) => return Err(e),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split(' ');
-    let (method, target, version) = (
-        first.next().unwrap_or("").to_owned(),
-        first.next().unwrap_or("").to_owned(),
-        first.next().unwrap_or(""),
-    );
-    if !version.starts_with("HTTP/1.") {
-        return Ok(Read::Refuse(400, "not an HTTP/1.x request\n"));
+    fn refused(&self, code: u16, message: &'static str) -> https::Response {
+        self.metrics.count("bad_request");
+        https::Response::text(code, message)
     }
-    let mut length = 0usize;
-    let mut close = version == "HTTP/1.0";
-    for line in lines.filter(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            return Ok(Read::Refuse(400, "malformed header line\n"));
-        };
-        let value = value.trim();
-        match name.trim().to_ascii_lowercase().as_str() {
-            "content-length" => match value.parse() {
-                Ok(n) => length = n,
-                Err(_) => return Ok(Read::Refuse(400, "bad content-length\n")),
-            },
-            "transfer-encoding" => {
-                return Ok(Read::Refuse(411, "send the body with a content-length\n"))
-            }
-            "connection" if value.eq_ignore_ascii_case("close") => close = true,
-            _ => {}
-        }
-    }
-    if length > MAX_BODY {
-        return Ok(Read::Refuse(413, "body too large\n"));
-    }
-    buf.drain(..head_end);
-    while buf.len() < length {
-        match tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk)).await {
-            Err(_) => return Ok(Read::Refuse(408, "body not received in time\n")),
-            Ok(Ok(0)) => return Ok(Read::Closed),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) => return Err(e),
-        }
-    }
-    let body: Vec<u8> = buf.drain(..length).collect();
-    let path = target.split('?').next().unwrap_or("").to_owned();
-    Ok(Read::Request(Request {
-        method,
-        path,
-        body,
-        close,
-    }))
-}
-
-async fn respond<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    code: u16,
-    content_type: &str,
-    body: &[u8],
-    close: bool,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        _ => "Error",
-    };
-    let connection = if close { "close" } else { "keep-alive" };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n",
-        body.len()
-    );
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body);
-    stream.write_all(&out).await?;
-    stream.flush().await?;
-    if close {
-        stream.shutdown().await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn admission(kind: &str, operation: &str, object: Value) -> Vec<u8> {
         json!({
@@ -476,7 +312,11 @@ mod tests {
     async fn exchange(request: &[u8]) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(async move {
-            connection(server, &InjectConfig::default(), &Metrics::default()).await
+            let webhook = Webhook {
+                config: InjectConfig::default(),
+                metrics: Metrics::default(),
+            };
+            https::connection(server, LIMITS, &webhook).await
         });
         client.write_all(request).await.unwrap();
         let mut out = String::new();

@@ -46,6 +46,8 @@ pub const MONITORING_PORT: i32 = 15014;
 /// The port the controller serves the injection webhook on (TLS, path [`WEBHOOK_PATH`]).
 pub const WEBHOOK_PORT: i32 = 15017;
 pub const WEBHOOK_PATH: &str = "/inject";
+/// The port the controller's CA issues workload certificates on (TLS; istiod's CA port).
+pub const CA_PORT: i32 = 15012;
 /// The ConfigMap holding `install --inject-config`'s file, mounted into the controller.
 pub const INJECT_CONFIG_MAP: &str = "isthmus-inject";
 

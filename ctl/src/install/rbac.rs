@@ -73,7 +73,7 @@ pub fn cluster_role() -> ClusterRole {
             ),
             // Invalid Istio resources are reported as Events on them.
             rule("events.k8s.io", &["events"], &["create", "patch"]),
-            // Issue 9's seam: the CA checks each sidecar's service-account token.
+            // The CA (controller/issuer.rs) checks each sidecar's service-account token.
             rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
             // The injector's configuration, whose caBundle the controller keeps current: by
             // name, list and watch included (its watch asks by field selector metadata.name,

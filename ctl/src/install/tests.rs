@@ -271,6 +271,7 @@ fn controller_runs_non_root_read_only_without_capabilities() {
     let flag = |name: &str| args[args.iter().position(|a| *a == name).unwrap() + 1];
     assert_eq!(flag("--root-namespace"), "isthmus-system");
     assert_eq!(flag("--webhook"), "[::]:15017");
+    assert_eq!(flag("--ca-listen"), "[::]:15012");
     assert_eq!(flag("--webhook-config"), WEBHOOK_CONFIG);
     assert_eq!(flag("--hub"), "registry.example/mesh");
     assert_eq!(flag("--tag"), "abc123");
@@ -286,6 +287,7 @@ fn controller_runs_non_root_read_only_without_capabilities() {
         json!([
             {"name": "http-monitoring", "containerPort": 15014, "protocol": "TCP"},
             {"name": "https-webhook", "containerPort": 15017, "protocol": "TCP"},
+            {"name": "https-ca", "containerPort": 15012, "protocol": "TCP"},
         ])
     );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -311,6 +313,7 @@ fn controller_runs_non_root_read_only_without_capabilities() {
         json!([
             {"name": "http-monitoring", "port": 15014, "targetPort": 15014, "protocol": "TCP"},
             {"name": "https-webhook", "port": 443, "targetPort": 15017, "protocol": "TCP"},
+            {"name": "https-ca", "port": 15012, "targetPort": 15012, "protocol": "TCP"},
         ])
     );
     let pdb = find(&manifests, "PodDisruptionBudget");

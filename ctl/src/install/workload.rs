@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    labels, InstallOptions, Manifest, CA_SECRET, CONTROLLER, INJECT_CONFIG_MAP, MONITORING_PORT,
-    WEBHOOK_CONFIG, WEBHOOK_PORT,
+    labels, InstallOptions, Manifest, CA_PORT, CA_SECRET, CONTROLLER, INJECT_CONFIG_MAP,
+    MONITORING_PORT, WEBHOOK_CONFIG, WEBHOOK_PORT,
 };
 
 /// The controller image's user (docker/build.sh: `USER 65532`, distroless' nonroot).
@@ -45,7 +45,7 @@ pub fn manifests(options: &InstallOptions) -> Vec<Manifest> {
         ),
         Manifest::new(
             &service(options),
-            "Monitoring (15014) and the injection webhook (443 -> 15017, TLS).",
+            "Monitoring (15014), the injection webhook (443 -> 15017, TLS) and the CA (15012, TLS).",
         ),
     ]);
     if options.replicas >= 2 {
@@ -90,6 +90,8 @@ pub fn controller_args(options: &InstallOptions) -> Vec<String> {
         CONTROLLER,
         "--ca-secret",
         CA_SECRET,
+        "--ca-listen",
+        &format!("[::]:{CA_PORT}"),
         // The images the webhook injects: the same hub and tag as the controller's own.
         "--hub",
         &options.hub,
@@ -181,6 +183,7 @@ pub fn deployment(options: &InstallOptions) -> Deployment {
         ports: Some(vec![
             port("http-monitoring", MONITORING_PORT),
             port("https-webhook", WEBHOOK_PORT),
+            port("https-ca", CA_PORT),
         ]),
         liveness_probe: Some(probe("/healthz")),
         readiness_probe: Some(probe("/readyz")),
@@ -274,6 +277,7 @@ pub fn service(options: &InstallOptions) -> Service {
             ports: Some(vec![
                 service_port("http-monitoring", MONITORING_PORT, MONITORING_PORT),
                 service_port("https-webhook", 443, WEBHOOK_PORT),
+                service_port("https-ca", CA_PORT, CA_PORT),
             ]),
             ..ServiceSpec::default()
         }),
