@@ -9,14 +9,12 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
-use isthmus_ctl::controller::issuer::IssuerOptions;
-use isthmus_ctl::controller::Options;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 use kube::Client;
 use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
 use serde_json::{json, Value};
-use support::controller::{ca_pem, metric, spawn, wait_for, NS};
+use support::controller::{ca_options, ca_pem, metric, spawn, wait_for};
 use support::kmock::Kmock;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -26,23 +24,6 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const WEB_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzaG9wOndlYiJ9.web";
 const OTHER_AUDIENCE_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzaG9wOndlYiJ9.k8s";
 const NODE_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJub2RlIn0.node";
-
-fn options() -> Options {
-    Options {
-        namespaces: vec!["shop".into()],
-        monitoring: "127.0.0.1:0".parse().unwrap(),
-        debounce: Duration::from_millis(20),
-        ca: Some(IssuerOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            namespace: NS.into(),
-            service: "isthmus-controller".into(),
-            ca_secret: "isthmus-ca".into(),
-            trust_domain: "cluster.local".into(),
-            token_audience: "isthmus-ca".into(),
-        }),
-        ..Options::default()
-    }
-}
 
 /// kmock's token table: shop/web's token for `isthmus-ca`, the same account's token for the
 /// API server's own audience, and a node's token.
@@ -110,7 +91,7 @@ async fn start() -> Option<(
     let kmock = Kmock::start_or_skip()?;
     let client = kmock.client().await;
     seed_tokens(&client).await;
-    let (status, stop, _task) = spawn(&client, options());
+    let (status, stop, _task) = spawn(&client, ca_options());
     let addr = wait_for("the CA's address", Duration::from_secs(20), async || {
         status.ca_addr()
     })
@@ -356,7 +337,7 @@ async fn two_replicas_issue_under_the_same_root() {
     let Some((_kmock, client, _status, _stop, first, ca)) = start().await else {
         return;
     };
-    let (second_status, _stop2, _task2) = spawn(&client, options());
+    let (second_status, _stop2, _task2) = spawn(&client, ca_options());
     let second = wait_for("the second CA", Duration::from_secs(20), async || {
         second_status.ca_addr()
     })

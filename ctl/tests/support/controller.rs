@@ -34,6 +34,25 @@ pub async fn wait_for<T>(
     }
 }
 
+/// A controller for namespace `shop` serving the CA on a free loopback port (the CA tests', and
+/// the proxy's identity_controller.rs).
+pub fn ca_options() -> Options {
+    Options {
+        namespaces: vec!["shop".into()],
+        monitoring: "127.0.0.1:0".parse().unwrap(),
+        debounce: Duration::from_millis(20),
+        ca: Some(isthmus_ctl::controller::issuer::IssuerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            namespace: NS.into(),
+            service: "isthmus-controller".into(),
+            ca_secret: "isthmus-ca".into(),
+            trust_domain: "cluster.local".into(),
+            token_audience: "isthmus-ca".into(),
+        }),
+        ..Options::default()
+    }
+}
+
 /// A controller running in this process until the returned sender is dropped or fired.
 pub fn spawn(
     client: &Client,

@@ -58,7 +58,11 @@ impl Kmock {
             skip("no Python with kmock (run scripts/setup-kmock.sh, or set ISTHMUS_KMOCK_PYTHON)");
             return None;
         };
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock_apiserver.py");
+        // From the workspace root, so the proxy's tests (which include this file) find it too.
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../ctl/tests/kmock_apiserver.py"
+        );
         let mut child = Command::new(python)
             .arg(script)
             .stdin(Stdio::piped())
