@@ -1,7 +1,8 @@
 //! The sidecar's workload identity, as a process against a CA speaking the CA API v1
-//! (docs/SECURITY.md) in this test: a rustls server signing CSRs with rcgen. The real
-//! controller endpoint is tested on its side (isthmus-ctl); here the CA's behaviour is
-//! scripted (issue, refuse, answer for another key, serve a certificate from another root).
+//! (docs/SECURITY.md) in this test: a rustls server signing CSRs with the real CA's leaf
+//! parameters (isthmus-ctl's `leaf_params`), whose behaviour is scripted (issue, refuse,
+//! answer for another key, serve a certificate from another root). identity_controller.rs
+//! runs the sidecar against the real controller.
 
 mod support;
 
@@ -11,9 +12,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use isthmus_ctl::controller::identity::SpiffeId;
+use isthmus_ctl::controller::issuer::leaf_params;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateSigningRequestDer, PrivateKeyDer};
@@ -72,7 +75,7 @@ fn ca_params(name: &str) -> CertificateParams {
     params
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -81,10 +84,11 @@ fn random_serial() -> SerialNumber {
             .unwrap()
             .as_nanos(),
     );
-    let mut bytes = h.finish().to_be_bytes().to_vec();
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x10;
-    SerialNumber::from_slice(&bytes)
+    let half = h.finish().to_be_bytes();
+    let mut serial = [0u8; 16];
+    serial[..8].copy_from_slice(&half);
+    serial[8..].copy_from_slice(&half);
+    serial
 }
 
 impl TestCa {
@@ -209,7 +213,7 @@ fn serve_one(
     let body: serde_json::Value = serde_json::from_slice(&buf[head_len..]).unwrap();
     let csr_pem = body["csr"].as_str().unwrap();
     let validity = body["validitySeconds"].as_u64().unwrap_or(86_400);
-    let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
     let csr_der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).unwrap();
     let (_, parsed) =
         x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der).unwrap();
@@ -247,27 +251,22 @@ fn serve_one(
             serde_json::json!({"error": "the token does not prove this identity"}),
         )
     } else {
-        let now = SystemTime::now();
-        let params = &mut csr.params;
-        params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + Duration::from_secs(validity)).into();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(random_serial());
+        // The real CA's leaf: only the identity, client + server, backdated a minute.
+        let identity = SpiffeId::parse(IDENTITY).unwrap();
+        let serial = random_serial();
+        let params = leaf_params(
+            &identity,
+            SystemTime::now(),
+            Duration::from_secs(validity),
+            serial,
+        )
+        .unwrap();
         let leaf = if mode == Mode::OtherKey {
-            params
-                .signed_by(&KeyPair::generate().unwrap(), issuer)
-                .unwrap()
+            params.signed_by(&KeyPair::generate().unwrap(), issuer)
         } else {
-            csr.signed_by(issuer).unwrap()
-        };
+            params.signed_by(&csr.public_key, issuer)
+        }
+        .unwrap();
         let (_, cert) = X509Certificate::from_der(leaf.der()).unwrap();
         seen.serial = Some(cert.raw_serial_as_string());
         seen.not_after = Some(
