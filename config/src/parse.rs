@@ -120,7 +120,11 @@ const KINDS_NOT_YET: &[(&str, &str)] = &[
 pub fn parse_files(files: &[SourceFile]) -> Result<Vec<Document>, ConfigError> {
     let mut documents = Vec::new();
     let mut issues = Vec::new();
-    for file in files {
+    // The trust bundle is read with the config (it counts in the version), not parsed.
+    for file in files
+        .iter()
+        .filter(|f| crate::source::is_config_file(&f.name))
+    {
         parse_file(file, &mut documents, &mut issues);
     }
     if issues.is_empty() {

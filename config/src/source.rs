@@ -24,8 +24,8 @@ impl SourceFile {
         }
     }
 
-    /// Reads every `*.yaml` / `*.yml` / `*.json` file of one generation of `dir`, sorted by
-    /// name. A missing directory is an error ([`ConfigError::MissingDir`]), not an empty
+    /// Reads every `*.yaml` / `*.yml` / `*.json` file of one generation of `dir`, and the
+    /// mesh's [`TRUST_BUNDLE`], sorted by name. A missing directory is an error ([`ConfigError::MissingDir`]), not an empty
     /// config: a sidecar must not mistake "no ConfigMap mounted" for "no policy".
     ///
     /// Kubelet deletes the old generation right after swapping `..data`, possibly while we
@@ -46,6 +46,17 @@ impl SourceFile {
             attempts: READ_ATTEMPTS,
         })
     }
+}
+
+/// The mesh's trust bundle (PEM roots) the controller publishes beside the config: read with
+/// the config so that it counts in the generation's [`version_of`] (a rotated bundle shows as
+/// a new version until every sidecar has it), but not parsed as config ([`is_config_file`]).
+pub const TRUST_BUNDLE: &str = "trust-bundle.pem";
+
+/// Whether a file of the config directory holds config documents (`*.yaml`, `*.yml`,
+/// `*.json`; dot-files are kubelet's).
+pub fn is_config_file(name: &str) -> bool {
+    !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
 }
 
 /// How many times a directory that keeps changing under the reader is read before giving up
@@ -104,7 +115,7 @@ fn read_files(dir: &Path, generation: Option<&Path>) -> Result<Vec<SourceFile>, 
             Err(source) => return Err(Partial::Failed(read_dir_error(dir, source))),
         };
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || ![".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e)) {
+        if !is_config_file(&name) && name != TRUST_BUNDLE {
             continue;
         }
         let path = entry.path();
@@ -169,6 +180,27 @@ mod tests {
         assert_ne!(version_of(&a), version_of(&b));
         assert_ne!(version_of(&a), version_of(&c));
         assert_eq!(version_of(&[]).len(), 16);
+    }
+
+    #[test]
+    fn trust_bundle_is_read_and_versioned_but_not_parsed_as_config() {
+        let dir = std::env::temp_dir().join(format!("isthmus-bundle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "").unwrap();
+        std::fs::write(
+            dir.join(TRUST_BUNDLE),
+            "-----BEGIN CERTIFICATE-----\nnot yaml: [\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("other.pem"), "ignored").unwrap();
+        let files = SourceFile::read_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["config.json", TRUST_BUNDLE]);
+        let without_bundle = &files[..1];
+        assert_ne!(version_of(&files), version_of(without_bundle));
+        let snapshot = crate::load(&files).expect("the bundle is not parsed as config");
+        assert_eq!(snapshot.version(), version_of(&files));
     }
 
     #[test]

@@ -70,6 +70,8 @@ RESOURCES = {
     "networking.istio.io/v1/destinationrules": ("DestinationRule", True),
     "networking.istio.io/v1/serviceentries": ("ServiceEntry", True),
     "networking.istio.io/v1/sidecars": ("Sidecar", True),
+    "security.istio.io/v1/peerauthentications": ("PeerAuthentication", True),
+    "security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", True),
     "events.k8s.io/v1/events": ("Event", True),
     # the controller's CA (ctl/tests/ca_kmock.rs): create only, answered from kmock-tokens
     "authentication.k8s.io/v1/tokenreviews": ("TokenReview", False),

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use isthmus_config::{ConfigError, Issue, SourceFile};
 
-use super::istio::{Invalid, IstioObject, ObjectKey};
+use super::istio::{is_security_kind, Invalid, IstioObject, ObjectKey};
 
 /// The routing ConfigMap's one key: a JSON stream, one document per line.
 pub const ROUTING_KEY: &str = "config.json";
@@ -37,6 +37,9 @@ pub fn visible(export_to: &[String], owner: &str, consumer: &str) -> bool {
 /// - Sidecar: the namespace's own; without one that has no `workloadSelector`, the root
 ///   namespace's (Istio: "a Sidecar in the root namespace without workloadSelector is the
 ///   default for namespaces that have none"). Sidecars are never exported.
+/// - PeerAuthentication, AuthorizationPolicy: the namespace's own and the root namespace's
+///   (mesh-wide); never another namespace's (they have no `exportTo`). The sidecar applies the
+///   scopes' precedence itself.
 /// - A host claimed by the namespace's own object shadows other namespaces' objects of the
 ///   same kind for that host; between imported ones Istio's order decides (for a
 ///   DestinationRule: the host's own namespace, then the root namespace, then any other), and
@@ -50,7 +53,13 @@ pub fn candidates<'a>(objects: &'a [IstioObject], ns: &str, root: &str) -> Vec<&
     let mut imported = Vec::new();
     for object in objects {
         let key = &object.key;
-        if key.kind == "Sidecar" {
+        if is_security_kind(&key.kind) {
+            if key.namespace == ns {
+                own.push(object);
+            } else if key.namespace == root {
+                imported.push(object);
+            }
+        } else if key.kind == "Sidecar" {
             if key.namespace == ns
                 || (!own_default && key.namespace == root && object.is_namespace_sidecar())
             {

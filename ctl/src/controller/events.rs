@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 
-use super::istio::{Invalid, ObjectKey, Origin, NETWORKING_API_VERSION};
+use super::istio::{api_version, Invalid, ObjectKey, Origin};
 
 /// The Event's reason.
 pub const INVALID_REASON: &str = "InvalidConfig";
@@ -100,7 +100,7 @@ pub fn notes(invalid: &[Invalid]) -> BTreeMap<(ObjectKey, Origin), String> {
 fn regarding(key: &ObjectKey, origin: &Origin) -> ObjectReference {
     match origin {
         Origin::Object { uid } => ObjectReference {
-            api_version: Some(NETWORKING_API_VERSION.into()),
+            api_version: Some(api_version(&key.kind).into()),
             kind: Some(key.kind.clone()),
             namespace: Some(key.namespace.clone()),
             name: Some(key.name.clone()),

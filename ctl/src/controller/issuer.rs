@@ -336,12 +336,19 @@ impl CaServer {
     }
 }
 
+/// A started CA endpoint, and the trust bundle it issues under (the CA's root PEM): what the
+/// controller publishes into every meshed namespace.
+pub struct Started {
+    pub server: https::Running,
+    pub trust_bundle: String,
+}
+
 /// Loads (or makes) the CA, binds the listener and starts serving.
 pub async fn start(
     client: &kube::Client,
     options: &IssuerOptions,
     metrics: Metrics,
-) -> Result<https::Running, IssuerError> {
+) -> Result<Started, IssuerError> {
     if !super::identity::is_trust_domain(&options.trust_domain) {
         return Err(IssuerError::TrustDomain(options.trust_domain.clone()));
     }
@@ -355,6 +362,7 @@ pub async fn start(
     .await?;
     let addr = bound.addr;
     tracing::info!(%addr, path = PATH, trust_domain = %options.trust_domain, audience = %options.token_audience, "serving the CA");
+    let trust_bundle = bound.ca.cert_pem().to_owned();
     let server = CaServer {
         ca: bound.ca.clone(),
         client: client.clone(),
@@ -372,7 +380,10 @@ pub async fn start(
         )),
         tokio::spawn(super::admission::renew(bound.ca, bound.cert)),
     ];
-    Ok(https::Running::new(addr, tasks))
+    Ok(Started {
+        server: https::Running::new(addr, tasks),
+        trust_bundle,
+    })
 }
 
 #[cfg(test)]

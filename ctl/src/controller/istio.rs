@@ -1,4 +1,5 @@
-//! The controller's Istio-API inputs: the `networking.istio.io/v1` custom objects (watched as
+//! The controller's Istio-API inputs: the `networking.istio.io/v1` and `security.istio.io/v1`
+//! custom objects (watched as
 //! `DynamicObject`s: k8s-openapi has no Istio types) and the documents of ConfigMaps labelled
 //! `isthmus.io/istio-config: "true"` — the path for clusters without the Istio CRDs and for
 //! users who keep routing in ConfigMaps. Both become [`IstioObject`]s: one document each, in the
@@ -24,15 +25,46 @@ use super::{drive, Status};
 
 /// The label that makes a ConfigMap's YAML/JSON documents routing input of its namespace.
 pub const ISTIO_CONFIG_LABEL: &str = "isthmus.io/istio-config";
-/// The API group and version of the kinds watched.
+/// The API group and version of the routing kinds.
 pub const NETWORKING_API_VERSION: &str = "networking.istio.io/v1";
-/// The kinds watched, with their resource (plural) names.
-pub const KINDS: [(&str, &str); 4] = [
-    ("VirtualService", "virtualservices"),
-    ("DestinationRule", "destinationrules"),
-    ("ServiceEntry", "serviceentries"),
-    ("Sidecar", "sidecars"),
+/// The API group and version of the security kinds ([`is_security_kind`]).
+pub const SECURITY_API_VERSION: &str = "security.istio.io/v1";
+/// The kinds watched, with their resource (plural) names and API group/version.
+pub const KINDS: [(&str, &str, &str); 6] = [
+    ("VirtualService", "virtualservices", NETWORKING_API_VERSION),
+    (
+        "DestinationRule",
+        "destinationrules",
+        NETWORKING_API_VERSION,
+    ),
+    ("ServiceEntry", "serviceentries", NETWORKING_API_VERSION),
+    ("Sidecar", "sidecars", NETWORKING_API_VERSION),
+    (
+        "PeerAuthentication",
+        "peerauthentications",
+        SECURITY_API_VERSION,
+    ),
+    (
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+        SECURITY_API_VERSION,
+    ),
 ];
+
+/// The API group/version of a kind: its [`KINDS`] entry's, networking's for any other (a
+/// ConfigMap document's own `apiVersion` replaces it).
+pub fn api_version(kind: &str) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map_or(NETWORKING_API_VERSION, |(_, _, api_version)| api_version)
+}
+
+/// PeerAuthentication and AuthorizationPolicy: Istio applies a namespace's own and the root
+/// namespace's (mesh-wide) ones to its workloads; they have no `exportTo` and no hosts.
+pub fn is_security_kind(kind: &str) -> bool {
+    api_version(kind) == SECURITY_API_VERSION
+}
 /// How often a kind whose CRD is missing is looked for again (one list call).
 const ABSENT_PROBE: Duration = Duration::from_secs(60);
 
@@ -65,7 +97,8 @@ pub enum Origin {
 }
 
 /// One Istio document: `document` is what goes into the sidecar's config (apiVersion, kind,
-/// metadata {name, namespace}, spec — nothing else).
+/// metadata {name, namespace, and creationTimestamp when known: the sidecar orders
+/// PeerAuthentications by it}, spec — nothing else).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IstioObject {
     pub key: ObjectKey,
@@ -97,7 +130,7 @@ impl IstioObject {
             },
             origin,
             document: json!({
-                "apiVersion": NETWORKING_API_VERSION,
+                "apiVersion": api_version(kind),
                 "kind": kind,
                 "metadata": {"name": name, "namespace": namespace},
                 "spec": spec,
@@ -108,7 +141,7 @@ impl IstioObject {
     /// A watched custom object; `None` without a name or namespace.
     pub fn from_dynamic(kind: &str, object: &DynamicObject) -> Option<Self> {
         let spec = object.data.get("spec").cloned().unwrap_or(json!({}));
-        Some(IstioObject::new(
+        let mut istio = IstioObject::new(
             kind,
             object.metadata.namespace.as_deref()?,
             object.metadata.name.as_deref()?,
@@ -116,7 +149,19 @@ impl IstioObject {
             Origin::Object {
                 uid: object.metadata.uid.clone(),
             },
-        ))
+        );
+        if let Some(created) = &object.metadata.creation_timestamp {
+            istio.set_creation_timestamp(json!(created));
+        }
+        Some(istio)
+    }
+
+    /// Keeps `metadata.creationTimestamp` in the document: of the security kinds only (a
+    /// routing document's would change the config's version with every re-creation).
+    fn set_creation_timestamp(&mut self, created: Value) {
+        if is_security_kind(&self.key.kind) && !created.is_null() {
+            self.document["metadata"]["creationTimestamp"] = created;
+        }
     }
 
     /// `spec.exportTo` (VirtualService, DestinationRule, ServiceEntry); empty means `*`.
@@ -164,7 +209,7 @@ pub fn from_config_map(config_map: &ConfigMap) -> (Vec<IstioObject>, Vec<Invalid
     };
     let uid = config_map.metadata.uid.clone();
     for (key, text) in config_map.data.iter().flatten() {
-        if key.starts_with('.') || ![".yaml", ".yml", ".json"].iter().any(|e| key.ends_with(e)) {
+        if !isthmus_config::source::is_config_file(key) {
             continue;
         }
         let origin = Origin::ConfigMap {
@@ -243,6 +288,7 @@ pub fn from_config_map(config_map: &ConfigMap) -> (Vec<IstioObject>, Vec<Invalid
                 document.get("spec").cloned().unwrap_or(json!({})),
                 origin.clone(),
             );
+            object.set_creation_timestamp(document["metadata"]["creationTimestamp"].clone());
             // Everything else is kept as written, so the sidecar's strict parser judges it
             // (an unknown apiVersion or field is an error there, reported here).
             if let (Some(out), Some(doc)) = (object.document.as_object_mut(), document.as_object())
@@ -302,11 +348,12 @@ pub fn watch_kinds(
 ) -> Vec<KindStores> {
     KINDS
         .iter()
-        .map(|(kind, plural)| {
+        .map(|(kind, plural, api_version)| {
+            let (group, version) = api_version.split_once('/').unwrap_or_default();
             let resource = ApiResource {
-                group: "networking.istio.io".into(),
-                version: "v1".into(),
-                api_version: NETWORKING_API_VERSION.into(),
+                group: group.into(),
+                version: version.into(),
+                api_version: (*api_version).into(),
                 kind: (*kind).into(),
                 plural: (*plural).into(),
             };
@@ -360,7 +407,7 @@ async fn watch_kind(
             Ok(_) => break,
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 if !logged {
-                    tracing::info!(kind, "the {kind} CRD (networking.istio.io/v1) is not installed: treated as empty, looked for again every minute");
+                    tracing::info!(kind, "the {kind} CRD ({}) is not installed: treated as empty, looked for again every minute", api_version(kind));
                     logged = true;
                 }
                 found.send_if_modified(|f| {
@@ -371,7 +418,7 @@ async fn watch_kind(
                 tokio::time::sleep(ABSENT_PROBE).await;
             }
             Err(e) => {
-                tracing::warn!(kind, error = %e, "listing {kind} failed; retrying (may the controller list networking.istio.io resources?)");
+                tracing::warn!(kind, error = %e, "listing {kind} failed; retrying (may the controller list {} resources?)", api_version(kind));
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
@@ -469,5 +516,36 @@ mod tests {
         assert!(invalid[1]
             .message
             .contains("`other` is not the ConfigMap's namespace"));
+    }
+
+    #[test]
+    fn security_kinds_keep_their_api_version_and_creation_timestamp() {
+        let dynamic: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "p", "namespace": "shop", "uid": "u2",
+                         "creationTimestamp": "2026-11-22T10:00:00Z"},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        }))
+        .unwrap();
+        let object = IstioObject::from_dynamic("PeerAuthentication", &dynamic).unwrap();
+        assert_eq!(object.document["apiVersion"], "security.istio.io/v1");
+        assert_eq!(
+            object.document["metadata"]["creationTimestamp"],
+            "2026-11-22T10:00:00Z"
+        );
+        let cm = config_map(&[(
+            "policy.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, creationTimestamp: '2026-11-22T11:00:00Z'}\nspec: {}\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s, creationTimestamp: '2026-11-22T11:00:00Z'}\nspec: {}\n",
+        )]);
+        let (objects, invalid) = from_config_map(&cm);
+        assert!(invalid.is_empty(), "{invalid:?}");
+        assert_eq!(
+            objects[0].document["metadata"]["creationTimestamp"],
+            "2026-11-22T11:00:00Z"
+        );
+        assert!(objects[1].document["metadata"]
+            .get("creationTimestamp")
+            .is_none());
+        assert!(is_security_kind("AuthorizationPolicy") && !is_security_kind("Sidecar"));
     }
 }

@@ -320,6 +320,9 @@ pub struct Controller {
     options: Options,
     status: Arc<Status>,
     leadership: lease::Leadership,
+    /// The mesh CA's roots, published as `trust-bundle.pem` beside each namespace's routing
+    /// config; set when this replica runs the CA (`--ca-listen`).
+    trust_bundle: Option<isthmus_config::SourceFile>,
 }
 
 impl Controller {
@@ -329,6 +332,7 @@ impl Controller {
             options,
             status: Arc::default(),
             leadership: lease::Leadership::always(),
+            trust_bundle: None,
         }
     }
 
@@ -366,8 +370,12 @@ impl Controller {
                 let metrics = issuer::Metrics::default();
                 metrics.register(&mut registry);
                 let issuer = issuer::start(&self.client, options, metrics).await?;
-                let _ = self.status.ca.set(issuer.addr);
-                Some(issuer)
+                let _ = self.status.ca.set(issuer.server.addr);
+                self.trust_bundle = Some(isthmus_config::SourceFile::new(
+                    isthmus_config::source::TRUST_BUNDLE,
+                    issuer.trust_bundle,
+                ));
+                Some(issuer.server)
             }
             None => None,
         };

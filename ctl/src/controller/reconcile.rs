@@ -76,7 +76,9 @@ impl Controller {
             };
             let mut candidates = desired::candidates(&objects, ns, &self.options.root_namespace);
             candidates.retain(|o| {
-                o.key.kind == "Sidecar" || scope.admits_config(&o.key.namespace, &o.hosts())
+                o.key.kind == "Sidecar"
+                    || istio::is_security_kind(&o.key.kind)
+                    || scope.admits_config(&o.key.namespace, &o.hosts())
             });
             let (fresh, assembled) = written.assemble(ns, &candidates, &registry);
             let routing = match assembled {
@@ -97,6 +99,7 @@ impl Controller {
             let files = write::NamespaceFiles {
                 routing: routing.map(|text| SourceFile::new(ROUTING_KEY, text)),
                 registry,
+                trust_bundle: self.trust_bundle.clone(),
             };
             match self
                 .write_namespace(ns, &files, written.written.get(ns))
@@ -122,7 +125,7 @@ impl Controller {
         metrics.routing_conflicts.set(conflicts);
         let mut by_kind: BTreeMap<String, i64> = istio::KINDS
             .iter()
-            .map(|(kind, _)| ((*kind).to_owned(), 0))
+            .map(|(kind, _, _)| ((*kind).to_owned(), 0))
             .collect();
         for (key, _) in events::notes(&invalid).keys() {
             *by_kind.entry(key.kind.clone()).or_default() += 1;

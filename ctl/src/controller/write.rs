@@ -1,4 +1,5 @@
-//! The controller's writes: one namespace's routing and registry ConfigMaps by server-side
+//! The controller's writes: one namespace's routing ConfigMap (routing config and the mesh's
+//! trust bundle) and registry ConfigMaps by server-side
 //! apply (field manager `isthmus-controller`), each only when its content hash changed, and the
 //! deletion of managed ConfigMaps in namespaces that left the mesh.
 
@@ -22,23 +23,32 @@ pub(super) struct NamespaceFiles {
     pub routing: Option<SourceFile>,
     /// The registry's shard files (`registry.json`, `registry-1.json`, …: shards.rs).
     pub registry: Vec<SourceFile>,
+    /// `trust-bundle.pem`: the mesh CA's roots, beside `config.json` in the routing ConfigMap
+    /// (the sidecar's `--ca-root` default); `None` when this controller runs no CA.
+    pub trust_bundle: Option<SourceFile>,
 }
 
 impl NamespaceFiles {
     /// The hashes that decide what to write, and the version the sidecars will report: over
     /// every file of the projected volume, as the sidecar hashes its directory.
     pub(super) fn written(&self) -> Written {
-        let mut files: Vec<SourceFile> = self.routing.iter().cloned().collect();
+        let routing = self.routing_files();
+        let mut files = routing.clone();
         files.extend(self.registry.iter().cloned());
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Written {
-            routing_hash: self
-                .routing
-                .as_ref()
-                .map(|f| version_of(std::slice::from_ref(f))),
+            routing_hash: (!routing.is_empty()).then(|| version_of(&routing)),
             registry_hash: version_of(&self.registry),
             version: version_of(&files),
         }
+    }
+
+    /// The routing ConfigMap's files, by name.
+    fn routing_files(&self) -> Vec<SourceFile> {
+        let mut files: Vec<SourceFile> = self.routing.iter().cloned().collect();
+        files.extend(self.trust_bundle.iter().cloned());
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        files
     }
 }
 
@@ -52,12 +62,16 @@ impl Controller {
         previous: Option<&Written>,
     ) -> Result<Written, kube::Error> {
         let desired = files.written();
-        if let (Some(routing), Some(hash)) = (&files.routing, &desired.routing_hash) {
+        if let Some(hash) = &desired.routing_hash {
             if previous.and_then(|p| p.routing_hash.as_ref()) != Some(hash) {
                 self.apply_config_map(
                     ns,
                     &self.options.routing_config_map,
-                    BTreeMap::from([(routing.name.clone(), routing.text.clone())]),
+                    files
+                        .routing_files()
+                        .into_iter()
+                        .map(|f| (f.name, f.text))
+                        .collect(),
                     BTreeMap::from([(ROUTING_HASH_ANNOTATION.to_owned(), hash.clone())]),
                 )
                 .await?;

@@ -284,3 +284,95 @@ fn a_service_entry_named_like_a_service_is_left_out_not_the_namespace() {
     );
     assert_eq!(assembled.left_out[0].field, "metadata.name");
 }
+
+fn peer_authentication(ns: &str, name: &str, mode: &str) -> IstioObject {
+    object(
+        "PeerAuthentication",
+        ns,
+        name,
+        json!({"mtls": {"mode": mode}}),
+    )
+}
+
+fn authorization_policy(ns: &str, name: &str, spec: Value) -> IstioObject {
+    object("AuthorizationPolicy", ns, name, spec)
+}
+
+#[test]
+fn security_policies_apply_in_their_namespace_and_from_the_root_only() {
+    let allow_shop =
+        json!({"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}]});
+    let objects = vec![
+        peer_authentication("isthmus-system", "mesh", "STRICT"),
+        peer_authentication("shop", "shop", "PERMISSIVE"),
+        authorization_policy("shop", "allow-shop", allow_shop.clone()),
+        authorization_policy("data", "allow-shop", allow_shop),
+        peer_authentication("data", "data", "DISABLE"),
+    ];
+    let shop = candidates(&objects, "shop", "isthmus-system");
+    assert_eq!(
+        keys(&shop),
+        [
+            "PeerAuthentication shop/shop",
+            "AuthorizationPolicy shop/allow-shop",
+            "PeerAuthentication isthmus-system/mesh",
+        ]
+    );
+    let data = candidates(&objects, "data", "isthmus-system");
+    assert_eq!(
+        keys(&data),
+        [
+            "AuthorizationPolicy data/allow-shop",
+            "PeerAuthentication data/data",
+            "PeerAuthentication isthmus-system/mesh",
+        ]
+    );
+    let root = candidates(&objects, "isthmus-system", "isthmus-system");
+    assert_eq!(keys(&root), ["PeerAuthentication isthmus-system/mesh"]);
+    // What is written is what the sidecar accepts: security.istio.io/v1 documents.
+    let assembled = assemble("shop", &shop, &registry()).expect("compiles");
+    assert!(assembled.left_out.is_empty(), "{:?}", assembled.left_out);
+    assert_eq!(
+        assembled
+            .text
+            .matches("\"apiVersion\":\"security.istio.io/v1\"")
+            .count(),
+        3,
+        "{}",
+        assembled.text
+    );
+}
+
+#[test]
+fn an_invalid_authorization_policy_is_left_out_with_its_field() {
+    let objects = vec![
+        authorization_policy(
+            "shop",
+            "bad-when",
+            json!({"rules": [{"when": [{"key": "request.bogus", "values": ["x"]}]}]}),
+        ),
+        authorization_policy("shop", "bad-field", json!({"bogus": true})),
+        peer_authentication("shop", "shop", "STRICT"),
+    ];
+    // Schema: caught alone.
+    let (valid, invalid) = parse_each(objects);
+    assert_eq!(invalid.len(), 1, "{invalid:?}");
+    assert_eq!(
+        invalid[0].key.to_string(),
+        "AuthorizationPolicy shop/bad-field"
+    );
+    // Semantics (an unknown `when` key): caught when the namespace's config is compiled.
+    let shop = candidates(&valid, "shop", "isthmus-system");
+    let assembled = assemble("shop", &shop, &registry()).expect("compiles without it");
+    assert_eq!(assembled.left_out.len(), 1, "{:?}", assembled.left_out);
+    let left_out = &assembled.left_out[0];
+    assert_eq!(
+        left_out.key.to_string(),
+        "AuthorizationPolicy shop/bad-when"
+    );
+    assert!(
+        left_out.field.contains("when") || left_out.message.contains("request.bogus"),
+        "{left_out:?}"
+    );
+    assert!(!assembled.text.contains("bad-when") && assembled.text.contains("PeerAuthentication"));
+}

@@ -90,6 +90,10 @@ fn files() -> NamespaceFiles {
             "registry.json",
             "{\"apiVersion\":\"networking.istio.io/v1\",\"kind\":\"ServiceEntry\"}\n",
         )],
+        trust_bundle: Some(SourceFile::new(
+            isthmus_config::source::TRUST_BUNDLE,
+            "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n",
+        )),
     }
 }
 
@@ -148,7 +152,11 @@ async fn a_namespace_is_written_by_server_side_apply_as_isthmus_controller_and_o
     let routing = &writes[0].body;
     assert_eq!(
         routing["data"],
-        json!({"config.json": files.routing.as_ref().unwrap().text})
+        json!({
+            "config.json": files.routing.as_ref().unwrap().text,
+            "trust-bundle.pem": files.trust_bundle.as_ref().unwrap().text,
+        }),
+        "the trust bundle beside the routing config"
     );
     assert_eq!(
         routing["metadata"]["annotations"]["isthmus.io/routing-hash"],
@@ -172,4 +180,53 @@ async fn a_namespace_is_written_by_server_side_apply_as_isthmus_controller_and_o
         .await
         .expect("unchanged");
     assert!(log.lock().unwrap().is_empty(), "{:#?}", log.lock().unwrap());
+
+    // A rotated bundle: the routing ConfigMap and the version change, as the sidecar's do.
+    let mut rotated = files;
+    rotated
+        .trust_bundle
+        .as_mut()
+        .unwrap()
+        .text
+        .push_str("new root\n");
+    let now = controller
+        .write_namespace("shop", &rotated, Some(&written))
+        .await
+        .expect("rotated");
+    assert_ne!(now.version, written.version);
+    let seen = log.lock().unwrap().clone();
+    let paths: Vec<&str> = seen
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/shop/configmaps/isthmus-config",
+            "/api/v1/namespaces/shop/configmaps/isthmus-registry",
+        ]
+    );
+}
+
+#[test]
+fn the_version_is_what_a_sidecar_computes_from_the_mounted_directory() {
+    let files = files();
+    let dir = std::env::temp_dir().join(format!("isthmus-written-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let all = files
+        .routing
+        .iter()
+        .chain(&files.registry)
+        .chain(&files.trust_bundle);
+    for file in all {
+        std::fs::write(dir.join(&file.name), &file.text).unwrap();
+    }
+    let read = SourceFile::read_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(read.len(), 3, "{read:?}");
+    assert_eq!(
+        isthmus_config::source::version_of(&read),
+        files.written().version
+    );
 }
