@@ -36,8 +36,8 @@ enum Command {
         #[arg(short = 'f', long = "filename", value_name = "FILE")]
         file: PathBuf,
         /// Inject config, YAML or JSON (hub, tag, proxyImage, initImage, imagePullPolicy,
-        /// nativeSidecar, configMap, registryConfigMap, tokenAudience, cluster, proxyResources,
-        /// initResources).
+        /// nativeSidecar, configMap, registryConfigMap, tokenAudience, caAddress, cluster,
+        /// proxyResources, initResources).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Image prefix: the images are `{hub}/proxy:{tag}` and `{hub}/init:{tag}` (default

@@ -23,6 +23,9 @@ pub use pod::{
 };
 pub use probes::{PROBERS_ENV, PROBE_PORT};
 
+/// The controller's CA endpoint (`--ca-listen [::]:15012`) in the install namespace.
+pub const DEFAULT_CA_ADDRESS: &str = "isthmus-controller.isthmus-system.svc:15012";
+
 /// What is injected, and from which images. Read from `--config FILE` (YAML or JSON, these field
 /// names in camelCase); every field has a default.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -50,6 +53,10 @@ pub struct InjectConfig {
     pub registry_config_map: String,
     /// Audience of the projected service-account token the sidecar will present to the CA.
     pub token_audience: String,
+    /// The mesh CA, `host:port`, given to the sidecar as `ISTHMUS_CA_ADDRESS` (it then asks
+    /// for its certificate, trusting `trust-bundle.pem` of its config directory); empty: no
+    /// workload identity.
+    pub ca_address: String,
     /// `ISTHMUS_CLUSTER` (Istio's cluster id); left to the proxy's default (`Kubernetes`) if unset.
     pub cluster: Option<String>,
     pub proxy_resources: Resources,
@@ -130,6 +137,7 @@ impl Default for InjectConfig {
             config_map: "isthmus-config".into(),
             registry_config_map: "isthmus-registry".into(),
             token_audience: "isthmus-ca".into(),
+            ca_address: DEFAULT_CA_ADDRESS.into(),
             cluster: None,
             // isthmus idles at ~5 MB (README, Performance); Istio asks 100m/128Mi for Envoy.
             proxy_resources: Resources::new(("50m", "32Mi"), ("2", "256Mi")),
@@ -184,6 +192,16 @@ impl InjectConfig {
             return Err(InjectError::Config(
                 "configMap, registryConfigMap and tokenAudience must not be empty".into(),
             ));
+        }
+        let host_port = self.ca_address.rsplit_once(':');
+        if !self.ca_address.is_empty()
+            && !host_port
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        {
+            return Err(InjectError::Config(format!(
+                "caAddress: {:?} is not host:port (empty disables the workload identity)",
+                self.ca_address
+            )));
         }
         Ok(())
     }

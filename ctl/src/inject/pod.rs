@@ -245,6 +245,10 @@ fn proxy_container(
         env.push(json!({"name": "ISTHMUS_CLUSTER", "value": cluster}));
     }
     env.push(json!({"name": "ISTHMUS_CONFIG_DIR", "value": CONFIG_MOUNT}));
+    // The CA's TLS root is the config directory's `trust-bundle.pem` (the sidecar's default).
+    if !config.ca_address.is_empty() {
+        env.push(json!({"name": "ISTHMUS_CA_ADDRESS", "value": config.ca_address}));
+    }
     let probe = |period: u32, failures: u32| {
         json!({
             "httpGet": {"path": "/healthz/ready", "port": READINESS_PORT},

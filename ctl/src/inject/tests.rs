@@ -202,6 +202,7 @@ fn the_native_sidecar_exactly() {
                 {"name": "ISTHMUS_APP", "valueFrom": field("metadata.labels['app']")},
                 {"name": "ISTHMUS_APP_VERSION", "valueFrom": field("metadata.labels['version']")},
                 {"name": "ISTHMUS_CONFIG_DIR", "value": "/etc/isthmus/config"},
+                {"name": "ISTHMUS_CA_ADDRESS", "value": "isthmus-controller.isthmus-system.svc:15012"},
             ],
             "ports": [{"name": "isthmus-stats", "containerPort": 15020, "protocol": "TCP"}],
             "startupProbe": probe(1, 600),
@@ -550,6 +551,27 @@ fn config_overrides_and_validation() {
         e.to_string().contains("initResources.requests.memory"),
         "{e}"
     );
+}
+
+#[test]
+fn the_ca_address_is_configurable_and_empty_turns_the_identity_off() {
+    let ca_env = |config: &InjectConfig| {
+        let (doc, _) = one(workload("v1", "Pod"), config);
+        let proxy = container(&doc["spec"]["initContainers"], PROXY_NAME);
+        env(proxy, "ISTHMUS_CA_ADDRESS").map(|e| e["value"].clone())
+    };
+    let config: InjectConfig = serde_saphyr::from_str("caAddress: ca.mesh.svc:8443\n").unwrap();
+    assert_eq!(ca_env(&config), Some(json!("ca.mesh.svc:8443")));
+    let off: InjectConfig = serde_saphyr::from_str("caAddress: ''\n").unwrap();
+    assert_eq!(ca_env(&off), None);
+    for bad in ["ca.mesh.svc", ":15012", "ca:port"] {
+        let config = InjectConfig {
+            ca_address: bad.into(),
+            ..InjectConfig::default()
+        };
+        let e = inject(vec![], &config).unwrap_err();
+        assert!(e.to_string().contains("caAddress"), "{bad}: {e}");
+    }
 }
 
 #[test]
