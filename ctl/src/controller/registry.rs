@@ -146,7 +146,7 @@ fn service_entry(
             v
         });
     let mut ports = Vec::new();
-    for port in spec.ports.iter().flatten() {
+    for port in spec.ports.iter().flatten().filter(|p| is_tcp(&p.protocol)) {
         let Some(mut p) = entry_port(port) else {
             continue;
         };
@@ -159,6 +159,10 @@ fn service_entry(
         }
         ports.push(p);
     }
+    if ports.is_empty() && spec.ports.iter().flatten().next().is_some() {
+        // UDP/SCTP only: nothing the sidecar captures.
+        return None;
+    }
     let mut endpoints: BTreeMap<String, Value> = BTreeMap::new();
     for slice in slices {
         if slice.address_type == "FQDN" {
@@ -169,10 +173,13 @@ fn service_entry(
             .ports
             .iter()
             .flatten()
+            .filter(|p| is_tcp(&p.protocol))
             .filter_map(|p| {
                 let number = p.port?;
                 let service_port = spec.ports.iter().flatten().find(|sp| {
-                    sp.name.as_deref().unwrap_or_default() == p.name.as_deref().unwrap_or_default()
+                    is_tcp(&sp.protocol)
+                        && sp.name.as_deref().unwrap_or_default()
+                            == p.name.as_deref().unwrap_or_default()
                 })?;
                 let number_u16 = u16::try_from(service_port.port).ok()?;
                 Some((port_name(service_port.name.as_deref(), number_u16), number))
@@ -240,6 +247,13 @@ fn document(ns: &str, name: &str, mut spec: Value) -> Value {
         "metadata": {"name": name, "namespace": ns},
         "spec": spec,
     })
+}
+
+/// Only TCP ports go into the registry: the sidecar captures TCP alone, and a port number a
+/// Service serves over both TCP and UDP (kube-dns's 53) would otherwise be listed twice, which
+/// the sidecar rejects — with kube-dns in every namespace's registry, every sidecar's config.
+fn is_tcp(protocol: &Option<String>) -> bool {
+    protocol.as_deref().is_none_or(|p| p == "TCP")
 }
 
 /// A Service port as a `ServiceEntry` port: number, name and protocol (`None`: out of range).

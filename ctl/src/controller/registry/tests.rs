@@ -70,8 +70,8 @@ fn ports_addresses_and_protocols() {
         json!([
             {"number": 80, "name": "http-api", "protocol": "HTTP"},
             {"number": 5432, "name": "port-5432", "protocol": "HTTP2"},
-            {"number": 53, "name": "dns"},
-        ])
+        ]),
+        "UDP ports are not in the registry"
     );
     assert_eq!(e["spec"]["resolution"], "STATIC");
     assert_eq!(e["spec"]["endpoints"], json!([]));
@@ -189,4 +189,54 @@ fn the_export_to_annotation_limits_which_registries_hold_a_service() {
         registry_json(&[&all, &own, &client], &[], &[]) + &registry_json(&[&all], &[], &[]),
         "the per-namespace registry is the whole one filtered"
     );
+}
+
+/// Found in review: kube-dns serves 53 over UDP and TCP. Both were listed as port 53, a
+/// ServiceEntry the sidecar rejects — and kube-dns is in every namespace's registry, so every
+/// sidecar in the cluster rejected its whole config and never became ready. Only TCP ports are
+/// written; a Service with no TCP port is left out.
+#[test]
+fn kube_dns_loads_in_a_sidecar_its_udp_ports_left_out() {
+    let dns = service(json!({
+        "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+            {"name": "metrics", "port": 9153, "protocol": "TCP", "targetPort": 9153},
+        ]},
+    }));
+    let syslog = service(json!({
+        "metadata": {"name": "syslog", "namespace": "kube-system"},
+        "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "syslog", "port": 514, "protocol": "UDP"}]},
+    }));
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "kube-dns-1", "namespace": "kube-system",
+                     "labels": {"kubernetes.io/service-name": "kube-dns"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                  {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                  {"name": "metrics", "port": 9153, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.1.0.5"]}],
+    }))
+    .unwrap();
+    let text = registry_json(&[&dns, &syslog], &[&slice], &[]);
+    let entries = entries(&text);
+    assert_eq!(entries.len(), 1, "a UDP-only Service is left out: {text}");
+    let e = &entries[0];
+    assert_eq!(
+        e["spec"]["ports"],
+        json!([
+            {"number": 53, "name": "dns-tcp", "targetPort": 53},
+            {"number": 9153, "name": "metrics", "targetPort": 9153},
+        ])
+    );
+    assert_eq!(
+        e["spec"]["endpoints"],
+        json!([{"address": "10.1.0.5", "ports": {"dns-tcp": 53, "metrics": 9153}}])
+    );
+    let snapshot = isthmus_config::load(&[isthmus_config::SourceFile::new(
+        crate::controller::REGISTRY_KEY,
+        text,
+    )]);
+    assert!(snapshot.is_ok(), "a sidecar loads it: {snapshot:?}");
 }
