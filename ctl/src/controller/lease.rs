@@ -1,8 +1,8 @@
 //! Leader election with a coordination.k8s.io/v1 Lease, as client-go's leaderelection does it:
 //! the holder renews the Lease every couple of seconds; another replica takes it only once it
-//! is absent, released, or expired — not renewed for `leaseDurationSeconds`, judged both by
-//! `renewTime` and by how long this replica has seen the record unchanged (so a skewed clock
-//! cannot steal a live lease). Every write is a PUT carrying the resourceVersion it read: of
+//! is absent, released, or expired — seen unchanged by this replica for `leaseDurationSeconds`
+//! (its own monotonic clock only, never the holder's `renewTime`, so a skewed clock cannot
+//! steal a live lease). Every write is a PUT carrying the resourceVersion it read: of
 //! two replicas racing for the same Lease exactly one succeeds, the other gets 409.
 //!
 //! Only the leader writes ConfigMaps, Events and the webhook configuration's caBundle; every
@@ -275,7 +275,7 @@ async fn try_acquire_or_renew(
         });
     }
     let ours = current.holder_identity.as_deref() == Some(options.identity.as_str());
-    if !ours && !expired(&current, observed.as_ref(), now) {
+    if !ours && !expired(&current, observed.as_ref()) {
         return Ok(false);
     }
     let transitions = current.lease_transitions.unwrap_or(0) + i32::from(!ours);
@@ -296,19 +296,17 @@ async fn try_acquire_or_renew(
     }
 }
 
-/// Free to take: released (no holder), or not renewed for its duration by its `renewTime` or
-/// by what this replica has seen.
-fn expired(spec: &LeaseSpec, observed: Option<&Observed>, now: SystemTime) -> bool {
+/// Free to take: released (no holder), or seen unchanged by this replica for the lease's
+/// duration. Only this replica's own observation counts — never the holder's `renewTime` read
+/// against our clock, which client-go does not trust either: a replica whose clock runs ahead
+/// would take a live Lease, and two would write (found in review). A Lease first seen just now
+/// is therefore waited out for one duration before it is taken.
+fn expired(spec: &LeaseSpec, observed: Option<&Observed>) -> bool {
     if spec.holder_identity.as_deref().unwrap_or("").is_empty() {
         return true;
     }
     let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
-    let by_renew_time = spec
-        .renew_time
-        .as_ref()
-        .is_none_or(|t| SystemTime::from(t.0) + duration < now);
-    let by_observation = observed.is_some_and(|o| o.since.elapsed() > duration);
-    by_renew_time || by_observation
+    observed.is_some_and(|o| o.since.elapsed() > duration)
 }
 
 fn spec(
@@ -344,32 +342,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lease_renewed_within_its_duration_is_not_expired() {
-        let spec = held("a", 3);
-        let observed = Observed {
+    fn seen(spec: &LeaseSpec, secs_ago: u64) -> Observed {
+        Observed {
             record: (spec.holder_identity.clone(), spec.renew_time.clone()),
-            since: Instant::now(),
-        };
-        assert!(!expired(&spec, Some(&observed), SystemTime::now()));
+            since: Instant::now() - Duration::from_secs(secs_ago),
+        }
     }
 
     #[test]
-    fn a_lease_not_renewed_for_its_duration_or_released_is_expired() {
-        assert!(expired(&held("a", 20), None, SystemTime::now()));
-        assert!(expired(&held("", 0), None, SystemTime::now()));
-        assert!(expired(&LeaseSpec::default(), None, SystemTime::now()));
+    fn a_lease_seen_changing_within_its_duration_is_not_expired() {
+        let spec = held("a", 3);
+        assert!(!expired(&spec, Some(&seen(&spec, 3))));
+    }
+
+    #[test]
+    fn a_released_lease_is_expired_at_once() {
+        assert!(expired(&held("", 0), None));
+        assert!(expired(&LeaseSpec::default(), None));
     }
 
     #[test]
     fn a_record_seen_unchanged_for_the_duration_is_expired_whatever_its_clock_says() {
         // The holder's clock runs ahead: renewTime looks fresh, but it has not changed.
         let spec = held("a", 0);
-        let observed = Observed {
-            record: (spec.holder_identity.clone(), spec.renew_time.clone()),
-            since: Instant::now() - Duration::from_secs(16),
-        };
-        assert!(expired(&spec, Some(&observed), SystemTime::now()));
+        assert!(expired(&spec, Some(&seen(&spec, 16))));
+    }
+
+    /// Found in review: `renewTime` compared with this replica's clock counted too, so a
+    /// replica whose clock ran more than the lease duration ahead took a live Lease on its
+    /// first look, and two replicas wrote.
+    #[test]
+    fn a_live_lease_is_not_taken_by_a_replica_whose_clock_runs_ahead() {
+        // Renewed "20 s ago" by our clock (ours is ahead), first seen just now.
+        let spec = held("a", 20);
+        assert!(!expired(&spec, Some(&seen(&spec, 0))));
+        assert!(!expired(&spec, None));
     }
 
     #[test]
