@@ -56,29 +56,31 @@ pub fn cluster_role() -> ClusterRole {
     ClusterRole {
         metadata: meta(None),
         rules: Some(vec![
-            // The registry's inputs; namespaces for which are meshed and their labels.
-            rule("", &["services", "pods", "namespaces"], READ),
+            // The registry's inputs (namespaces themselves are never read: the registry is keyed
+            // by the namespaces objects live in).
+            rule("", &["services", "pods"], READ),
             rule("discovery.k8s.io", &["endpointslices"], READ),
             // The Istio resources routing is computed from.
             istio(crds::NETWORKING),
             istio(crds::SECURITY),
             // The routing and registry ConfigMaps of every meshed namespace: written with
-            // server-side apply, read back on resync, deleted when a namespace leaves the mesh.
+            // server-side apply (a patch, which creates too), read back on resync, deleted when a
+            // namespace leaves the mesh.
             rule(
                 "",
                 &["configmaps"],
-                &[
-                    "get", "list", "watch", "create", "patch", "update", "delete",
-                ],
+                &["get", "list", "watch", "patch", "delete"],
             ),
-            // Invalid Istio resources are reported as Events on them.
-            rule("events.k8s.io", &["events"], &["create", "patch"]),
+            // Invalid Istio resources are reported as Events on them (each one created, never
+            // updated).
+            rule("events.k8s.io", &["events"], &["create"]),
             // The CA (controller/issuer.rs) checks each sidecar's service-account token.
             rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
             // The injector's configuration, whose caBundle the controller keeps current: by
             // name, list and watch included (its watch asks by field selector metadata.name,
-            // which is what lets Kubernetes authorize a named list/watch).
-            webhook(&["get", "list", "watch", "update", "patch"]),
+            // which is what lets Kubernetes authorize a named list/watch); written with a replace
+            // (update).
+            webhook(&["get", "list", "watch", "update"]),
         ]),
         ..ClusterRole::default()
     }

@@ -62,7 +62,9 @@ pub fn configuration(options: &InstallOptions) -> MutatingWebhookConfiguration {
             side_effects: "None".into(),
             admission_review_versions: vec!["v1".into()],
             timeout_seconds: Some(10),
-            reinvocation_policy: Some("Never".into()),
+            // Called again when a later mutating webhook adds containers, so their probes are
+            // rewritten too (injection is idempotent; Istio's choice too).
+            reinvocation_policy: Some("IfNeeded".into()),
             match_policy: Some("Equivalent".into()),
             ..MutatingWebhook::default()
         }]),
