@@ -59,6 +59,12 @@ pub fn is_config_file(name: &str) -> bool {
     !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
 }
 
+/// Whether a file of the config directory is read, counts in the version, and is a change when
+/// it changes: config files and the trust bundle.
+pub fn is_versioned_file(name: &str) -> bool {
+    is_config_file(name) || name == TRUST_BUNDLE
+}
+
 /// How many times a directory that keeps changing under the reader is read before giving up
 /// (until the next change event or resync).
 const READ_ATTEMPTS: usize = 10;
@@ -115,7 +121,7 @@ fn read_files(dir: &Path, generation: Option<&Path>) -> Result<Vec<SourceFile>, 
             Err(source) => return Err(Partial::Failed(read_dir_error(dir, source))),
         };
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_config_file(&name) && name != TRUST_BUNDLE {
+        if !is_versioned_file(&name) {
             continue;
         }
         let path = entry.path();

@@ -3,7 +3,8 @@
 //! worker or on the thread answering readiness probes.
 //!
 //! What counts as a change: kubelet's `..data` swap, and a config file (`*.yaml`, `*.yml`,
-//! `*.json`) created, written, renamed or removed at the top of the directory. Opening and
+//! `*.json`) or the trust bundle created, written, renamed or removed at the top of the
+//! directory ([`isthmus_config::source::is_versioned_file`]). Opening and
 //! reading files is not a change — reacting to those made every reload's own reads trigger
 //! the next one. A burst of events is settled (quiet for `debounce`, at most `max_delay` after
 //! the first) before one reload; a periodic resync covers missed events. A directory that is
@@ -81,9 +82,7 @@ pub fn is_relevant(event: &notify::Event, dir: &Path) -> bool {
                 .file_name()
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default();
-            name == "..data"
-                || (!name.starts_with('.')
-                    && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e)))
+            name == "..data" || isthmus_config::source::is_versioned_file(&name)
         })
 }
 
