@@ -463,11 +463,14 @@ impl Controller {
                     notify.notify_one();
                 });
             }
+            // Ready once the first reconcile was attempted, whatever its writes did: a write
+            // refused for good (a Terminating namespace, a quota) must not keep the leader out
+            // of the webhook Service, where an unready single replica denies every pod create
+            // under failurePolicy Fail (found in review). Failed writes are in the metrics.
+            self.status.ready.store(true, Ordering::Release);
             if retry {
                 // Errors are retried without waiting for a change.
                 notify.notify_one();
-            } else {
-                self.status.ready.store(true, Ordering::Release);
             }
             let pause = if retry {
                 Duration::from_secs(1)

@@ -114,6 +114,11 @@ impl Controller {
                 }
             }
         }
+        if !self.leadership.is_leader() {
+            // Lost the Lease: no deletions and no Events either — the new leader may have
+            // just written what a stale view would collect (found in review).
+            return false;
+        }
         written.forget_unmeshed(&meshed);
         ok &= self.collect_garbage(&managed, &meshed, written).await;
         // An Event that cannot be written is tried again on the next reconcile; it does not
@@ -187,6 +192,9 @@ impl Controller {
             if !left.is_zero() {
                 written.gc_due = Some(written.gc_due.map_or(left, |d| d.min(left)));
                 continue;
+            }
+            if !self.leadership.is_leader() {
+                return false;
             }
             if let Err(e) = self.delete_config_map(ns, name).await {
                 ok = false;
