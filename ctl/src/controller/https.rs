@@ -1,16 +1,20 @@
 //! The controller's HTTPS servers (the injection webhook, the CA): HTTP/1.1 by hand over
 //! tokio-rustls. Their clients (the API server, sidecars) send one body per request with a
-//! `content-length`, on kept-alive connections. Heads and bodies are bounded, every read has a
-//! deadline, and anything else gets a 4xx and the connection closed.
+//! `content-length`, on kept-alive connections. Heads and bodies are bounded, each request has
+//! one deadline (head and body together), connections are capped, and anything else gets a 4xx
+//! and the connection closed.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::certs::{self, CertError, CertificateAuthority, ServingCert};
@@ -20,13 +24,19 @@ use super::certs::{self, CertError, CertificateAuthority, ServingCert};
 pub struct Limits {
     pub max_head: usize,
     pub max_body: usize,
-    /// A request's head (once started) and body must each arrive within this.
+    /// A request's head (from its first byte) and body must arrive, together, within this: a
+    /// client dripping a byte at a time cannot hold a connection (and its buffer) longer.
     pub read_timeout: Duration,
     /// A kept-alive connection with no request for this long is closed.
     pub idle_timeout: Duration,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most connections one server holds at once: each may buffer a request of up to
+/// `max_head + max_body`, so this bounds the server's memory (128 × ~4 MiB for the webhook,
+/// within the controller's 1Gi limit). Its clients (the API server, sidecars asking for
+/// certificates) need far fewer; beyond it a connection is closed at once, and counted.
+pub const MAX_CONNECTIONS: usize = 128;
 
 /// What a server of the controller starts from: the CA of Secret `ca_secret` (made if absent),
 /// a serving certificate for the Service's names issued from it, and the bound listener.
@@ -174,6 +184,20 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     what: &'static str,
 ) {
+    serve_capped(listener, acceptor, limits, handler, what, MAX_CONNECTIONS).await
+}
+
+/// [`serve`] with at most `max_connections` at once.
+async fn serve_capped<H: Handler>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: Limits,
+    handler: Arc<H>,
+    what: &'static str,
+    max_connections: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let refused = AtomicU64::new(0);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -183,8 +207,18 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            let total = refused.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logged at 1, 2, 4, 8, …: a flood is visible without flooding the log.
+            if total.is_power_of_two() {
+                tracing::warn!(server = what, %peer, refused = total, max_connections, "too many connections: closed at once");
+            }
+            continue;
+        };
         let (acceptor, handler) = (acceptor.clone(), handler.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -232,6 +266,8 @@ async fn read_request<S: AsyncRead + Unpin>(
     limits: Limits,
 ) -> std::io::Result<Read> {
     let mut chunk = vec![0u8; 16 * 1024];
+    // Set at the request's first byte (already here if pipelined after the last one).
+    let mut deadline = (!buf.is_empty()).then(|| Instant::now() + limits.read_timeout);
     let head_end = loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break end + 4;
@@ -239,19 +275,22 @@ async fn read_request<S: AsyncRead + Unpin>(
         if buf.len() > limits.max_head {
             return Ok(Read::Refuse(431, "request head too large\n"));
         }
-        let deadline = if buf.is_empty() {
-            limits.idle_timeout
-        } else {
-            limits.read_timeout
+        let read = match deadline {
+            None => tokio::time::timeout(limits.idle_timeout, stream.read(&mut chunk)).await,
+            Some(at) => tokio::time::timeout_at(at, stream.read(&mut chunk)).await,
         };
-        match tokio::time::timeout(deadline, stream.read(&mut chunk)).await {
-            Err(_) if buf.is_empty() => return Ok(Read::Closed),
+        match read {
+            Err(_) if deadline.is_none() => return Ok(Read::Closed),
             Err(_) => return Ok(Read::Refuse(408, "request head not received in time\n")),
             Ok(Ok(0)) => return Ok(Read::Closed),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                deadline.get_or_insert_with(|| Instant::now() + limits.read_timeout);
+            }
             Ok(Err(e)) => return Err(e),
         }
     };
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + limits.read_timeout);
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let mut first = lines.next().unwrap_or("").split(' ');
@@ -289,8 +328,8 @@ async fn read_request<S: AsyncRead + Unpin>(
     }
     buf.drain(..head_end);
     while buf.len() < length {
-        match tokio::time::timeout(limits.read_timeout, stream.read(&mut chunk)).await {
-            Err(_) => return Ok(Read::Refuse(408, "body not received in time\n")),
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return Ok(Read::Refuse(408, "request not received in time\n")),
             Ok(Ok(0)) => return Ok(Read::Closed),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e),
@@ -344,3 +383,6 @@ async fn respond<S: AsyncWrite + Unpin>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
