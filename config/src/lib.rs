@@ -6,6 +6,7 @@
 //! reads without locks. Nothing here touches the network; the only I/O is [`source`], which
 //! reads a ConfigMap directory the way kubelet lays it out.
 
+pub mod app_probe;
 pub mod compile;
 pub mod duration;
 pub mod egress;

@@ -24,6 +24,8 @@ pub const PATH_PREFIX: &str = "/app-health/";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The most of a response head read before giving up on it.
 const MAX_HEAD: usize = 16 * 1024;
+/// The most of a gRPC health response read: a HealthCheckResponse is a few bytes.
+const MAX_GRPC_BODY: usize = 64 * 1024;
 
 /// One original probe, as Kubernetes spells it (`port` already a number: the injector resolves
 /// named ports against the container's ports). Unknown fields are ignored, as Istio's agent
@@ -66,14 +68,12 @@ pub struct Grpc {
     pub service: Option<String>,
 }
 
-/// Why `ISTHMUS_KUBE_APP_PROBERS` cannot be used. The sidecar does not start with it: a probe
-/// it cannot run would fail the pod's probes with a less clear reason, later.
+/// Why `ISTHMUS_KUBE_APP_PROBERS` cannot be used at all (not a JSON object). One bad entry is
+/// not this: it answers 503 with its reason and the others still run.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbersError {
     #[error("{ENV} is not a JSON object of probes: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("{ENV}: `{path}`: {reason}")]
-    Probe { path: String, reason: String },
 }
 
 /// Why one probe of the app failed (the kubelet sees 503 and this text).
@@ -97,9 +97,20 @@ pub enum ProbeError {
 /// A probe the sidecar can run: where, what, and how long it may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Check {
-    Http { addr: SocketAddr, request: Vec<u8> },
-    Tcp { addr: SocketAddr },
-    Grpc { addr: SocketAddr, service: String },
+    Http {
+        addr: SocketAddr,
+        request: Vec<u8>,
+    },
+    Tcp {
+        addr: SocketAddr,
+    },
+    Grpc {
+        addr: SocketAddr,
+        service: String,
+    },
+    /// An entry the sidecar cannot run: its path fails with this reason (the sidecar keeps
+    /// running, so the pod's other probes and its traffic are unaffected).
+    Invalid(String),
 }
 
 /// The app probes of one pod, keyed by their `/app-health/...` path.
@@ -127,15 +138,18 @@ impl AppProbers {
     /// the kubelet would have sent them (an app listening on 127.0.0.1 only fails its probes
     /// here as it would without a mesh), or 127.0.0.1 when the pod IP is not known.
     pub fn parse(json: &str, target: IpAddr) -> Result<AppProbers, ProbersError> {
-        let probers: HashMap<String, Prober> = serde_json::from_str(json)?;
+        let entries: HashMap<String, serde_json::Value> = serde_json::from_str(json)?;
         let mut checks = HashMap::new();
-        for (path, prober) in probers {
-            let check = check(&path, &prober, target).map_err(|reason| ProbersError::Probe {
-                path: path.clone(),
-                reason,
-            })?;
-            let timeout = prober
-                .timeout_seconds
+        for (path, entry) in entries {
+            let prober = serde_json::from_value::<Prober>(entry).map_err(|e| e.to_string());
+            let (check, timeout) = match prober.and_then(|p| Ok((check(&path, &p, target)?, p))) {
+                Ok((check, prober)) => (check, prober.timeout_seconds),
+                Err(reason) => {
+                    tracing::warn!(%path, %reason, "{ENV}: this app probe cannot be run; it answers 503");
+                    (Check::Invalid(reason), None)
+                }
+            };
+            let timeout = timeout
                 .filter(|&s| s > 0)
                 .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
             checks.insert(path, (check, timeout));
@@ -175,6 +189,12 @@ impl AppProbers {
                 body: format!("no app probe is registered at {path}\n"),
             };
         };
+        if let Check::Invalid(reason) = check {
+            return Answer {
+                status: 503,
+                body: format!("app probe not run: the sidecar cannot run it: {reason}\n"),
+            };
+        }
         let ran = tokio::time::timeout(*timeout, run(check)).await;
         let outcome = ran.unwrap_or(Err(ProbeError::Timeout(*timeout)));
         match outcome {
@@ -302,14 +322,11 @@ fn check(path: &str, prober: &Prober, target: IpAddr) -> Result<Check, String> {
                 Some(p) if p.starts_with('/') => p.to_string(),
                 Some(p) => format!("/{p}"),
             };
-            let bad = |s: &str| s.contains(['\r', '\n']) || s.contains(' ');
-            if bad(&probe_path) {
-                return Err("the path holds spaces or line breaks".into());
-            }
-            for h in &get.http_headers {
-                if h.name.is_empty() || bad(&h.name) || h.value.contains(['\r', '\n']) {
-                    return Err(format!("header `{}` is not a valid HTTP header", h.name));
-                }
+            let headers = get.http_headers.iter();
+            let headers = headers.map(|h| (h.name.as_str(), h.value.as_str()));
+            if let Some(problem) = isthmus_config::app_probe::http_get_problem(&probe_path, headers)
+            {
+                return Err(problem);
             }
             let addr = addr(&get.host, get.port)?;
             Ok(Check::Http {
@@ -343,6 +360,7 @@ async fn run(check: &Check) -> Result<u16, ProbeError> {
             Ok(200)
         }
         Check::Grpc { addr, service } => grpc_health(*addr, service).await.map(|()| 200),
+        Check::Invalid(reason) => Err(ProbeError::BadResponse(reason.clone())),
     }
 }
 
@@ -378,6 +396,9 @@ async fn grpc_health(addr: SocketAddr, service: &str) -> Result<(), ProbeError> 
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|e| grpc(&format!("reading the response: {e}")))?;
             let _ = body.flow_control().release_capacity(chunk.len());
+            if message.len() + chunk.len() > MAX_GRPC_BODY {
+                return Err(grpc("the response is over 64 KiB"));
+            }
             message.extend_from_slice(&chunk);
         }
         let trailers = body

@@ -145,6 +145,7 @@ fn original(
             // Already the sidecar's (the earlier injection's originals are gone): leave it.
             return Ok(None);
         }
+        http_get_sendable(spec)?;
     }
     if spec
         .get("host")
@@ -170,6 +171,35 @@ fn original(
         out.insert("portName".into(), json!(name));
     }
     Ok(Some(out))
+}
+
+/// Whether the sidecar can send this `httpGet` as it is (the rule it applies itself, from
+/// isthmus-config): an entry it cannot send would fail that probe, so it is not handed over.
+fn http_get_sendable(spec: &Map<String, Value>) -> Result<(), String> {
+    let path = match spec.get("path") {
+        None | Some(Value::Null) => "",
+        Some(Value::String(path)) => path,
+        Some(other) => return Err(format!("path {other} is not a string")),
+    };
+    let mut headers = Vec::new();
+    for header in spec
+        .get("httpHeaders")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let text = |key| header.get(key).and_then(Value::as_str);
+        let (Some(name), Some(value)) = (text("name"), text("value")) else {
+            return Err(format!(
+                "httpHeaders entry {header} is not a name and a value"
+            ));
+        };
+        headers.push((name, value));
+    }
+    match isthmus_config::app_probe::http_get_problem(path, headers) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
 }
 
 /// Calls `f(container, kind, probe)` for every probe of every app container.

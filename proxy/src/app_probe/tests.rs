@@ -146,35 +146,41 @@ async fn an_unknown_container_or_probe_is_404() {
     );
 }
 
-#[test]
-fn probers_the_sidecar_cannot_run_are_refused_with_the_path_named() {
-    let refused = |json: serde_json::Value| {
-        AppProbers::parse(&json.to_string(), LOCAL)
-            .expect_err("refused")
-            .to_string()
-    };
-    let e = refused(
-        serde_json::json!({"/app-health/web/livez": {"httpGet": {"port": 8443, "scheme": "HTTPS"}}}),
-    );
-    assert!(
-        e.contains("/app-health/web/livez") && e.contains("plain HTTP only"),
-        "{e}"
-    );
-    let e = refused(
-        serde_json::json!({"/app-health/web/livez": {"tcpSocket": {"port": 1}, "grpc": {"port": 1}}}),
-    );
-    assert!(e.contains("exactly one"), "{e}");
-    let e = refused(serde_json::json!({"/healthz": {"tcpSocket": {"port": 1}}}));
-    assert!(e.contains("must start with /app-health/"), "{e}");
-    let e = refused(
-        serde_json::json!({"/app-health/web/livez": {"tcpSocket": {"port": 1, "host": "db.local"}}}),
-    );
-    assert!(e.contains("not an IP address"), "{e}");
-    let e = refused(
-        serde_json::json!({"/app-health/web/livez": {"httpGet": {"port": 80, "httpHeaders": [{"name": "X", "value": "a\r\nInjected: 1"}]}}}),
-    );
-    assert!(e.contains("not a valid HTTP header"), "{e}");
-    let e = refused(serde_json::json!({"/app-health/web/livez": {"httpGet": {"port": "http"}}}));
+/// Found in review: one entry the sidecar could not run (a path with a space, which the kubelet
+/// would have URL-escaped) made the sidecar exit, so the pod crash-looped. Such an entry now
+/// answers 503 with its reason on its own path; the others still run.
+#[tokio::test]
+async fn an_entry_the_sidecar_cannot_run_answers_503_with_why_and_the_others_still_work() {
+    let (port, _) = app(Arc::new(Mutex::new(200))).await;
+    let p = probers(serde_json::json!({
+        "/app-health/web/readyz": {"httpGet": {"path": "/health check", "port": port}},
+        "/app-health/web/livez": {"httpGet": {"path": "/ok", "port": port}},
+        "/app-health/a/livez": {"httpGet": {"port": 8443, "scheme": "HTTPS"}},
+        "/app-health/b/livez": {"tcpSocket": {"port": 1}, "grpc": {"port": 1}},
+        "/healthz": {"tcpSocket": {"port": 1}},
+        "/app-health/c/livez": {"tcpSocket": {"port": 1, "host": "db.local"}},
+        "/app-health/d/livez": {"httpGet": {"port": 80, "httpHeaders": [{"name": "X", "value": "a\r\nInjected: 1"}]}},
+        "/app-health/e/livez": {"httpGet": {"port": 80, "httpHeaders": [{"name": "Bad Name", "value": "v"}]}},
+        "/app-health/f/livez": {"httpGet": {"port": "http"}},
+    }));
+    assert_eq!(p.answer("/app-health/web/livez").await.status, 200);
+    for (path, why) in [
+        ("/app-health/web/readyz", "spaces"),
+        ("/app-health/a/livez", "plain HTTP only"),
+        ("/app-health/b/livez", "exactly one"),
+        ("/healthz", "must start with /app-health/"),
+        ("/app-health/c/livez", "not an IP address"),
+        ("/app-health/d/livez", "line break"),
+        ("/app-health/e/livez", "not an HTTP token"),
+        ("/app-health/f/livez", "invalid type"),
+    ] {
+        let answer = p.answer(path).await;
+        assert_eq!(answer.status, 503, "{path}: {answer:?}");
+        assert!(answer.body.contains(why), "{path}: {answer:?}");
+    }
+    let e = AppProbers::parse("[1]", LOCAL)
+        .expect_err("not an object")
+        .to_string();
     assert!(e.contains("not a JSON object of probes"), "{e}");
     // Nothing set: no probes, not an error.
     assert!(AppProbers::from_flag(None, None).unwrap().is_empty());
@@ -198,8 +204,8 @@ fn health_check_messages_are_encoded_and_decoded_as_protobuf() {
 }
 
 /// A grpc.health.v1 server over h2c: `SERVING` for the empty service, `NOT_SERVING` for
-/// every other.
-async fn health_server() -> u16 {
+/// every other; `padding` bytes follow the response message.
+async fn health_server(padding: usize) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -219,8 +225,9 @@ async fn health_server() -> u16 {
                         .body(())
                         .unwrap();
                     let mut send = respond.send_response(response, false).unwrap();
-                    send.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false)
-                        .unwrap();
+                    let mut data = vec![0, 0, 0, 0, 2, 0x08, status];
+                    data.resize(data.len() + padding, 0);
+                    send.send_data(Bytes::from(data), false).unwrap();
                     let mut trailers = ::http::HeaderMap::new();
                     trailers.insert("grpc-status", "0".parse().unwrap());
                     send.send_trailers(trailers).unwrap();
@@ -233,7 +240,7 @@ async fn health_server() -> u16 {
 
 #[tokio::test]
 async fn a_grpc_probe_passes_on_serving_only() {
-    let port = health_server().await;
+    let port = health_server(0).await;
     let p = probers(serde_json::json!({
         "/app-health/api/livez": {"grpc": {"port": port}},
         "/app-health/api/readyz": {"grpc": {"port": port, "service": "db"}},
@@ -243,4 +250,16 @@ async fn a_grpc_probe_passes_on_serving_only() {
     let answer = p.answer("/app-health/api/readyz").await;
     assert_eq!(answer.status, 503, "{answer:?}");
     assert!(answer.body.contains("status 2, not SERVING"), "{answer:?}");
+}
+
+/// Found in review: the gRPC health response was read whole, however large, within the timeout.
+#[tokio::test]
+async fn a_grpc_health_response_over_64_kib_fails_the_probe() {
+    let port = health_server(1024 * 1024).await;
+    let p = probers(serde_json::json!({
+        "/app-health/api/livez": {"grpc": {"port": port}, "timeoutSeconds": 10},
+    }));
+    let answer = p.answer("/app-health/api/livez").await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(answer.body.contains("over 64 KiB"), "{answer:?}");
 }

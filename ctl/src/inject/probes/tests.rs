@@ -190,6 +190,39 @@ fn probes_the_sidecar_cannot_run_are_left_with_a_warning() {
     assert!(warnings.iter().all(|w| w.contains("STRICT")));
 }
 
+/// Found in review: an httpGet the sidecar cannot send (a path with a space, which the kubelet
+/// URL-escapes; a header name that is not a token) was handed to it and made it exit. Such a
+/// probe is now left to the kubelet, with a warning, and the others are still rewritten.
+#[test]
+fn http_probes_the_sidecar_cannot_send_are_left_to_the_kubelet_with_a_warning() {
+    let probes = json!({
+        "livenessProbe": {"httpGet": {"path": "/health check", "port": 8080}},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080,
+                           "httpHeaders": [{"name": "Bad Name", "value": "v"}]}},
+        "startupProbe": {"httpGet": {"path": "/started", "port": 8080}},
+    });
+    let (doc, warnings) = injected(
+        deployment(probes.clone(), json!({})),
+        &InjectConfig::default(),
+    );
+    let web = app(&doc);
+    assert_eq!(web["livenessProbe"], probes["livenessProbe"]);
+    assert_eq!(web["readinessProbe"], probes["readinessProbe"]);
+    assert_eq!(
+        web["startupProbe"]["httpGet"],
+        rewritten("/app-health/web/startupz")
+    );
+    let entries = probers(&doc);
+    let entries = entries.as_object().unwrap();
+    assert_eq!(
+        entries.keys().collect::<Vec<_>>(),
+        ["/app-health/web/startupz"]
+    );
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("livenessProbe") && warnings[0].contains("spaces"));
+    assert!(warnings[1].contains("readinessProbe") && warnings[1].contains("not an HTTP token"));
+}
+
 #[test]
 fn exec_probes_and_the_sidecars_own_probes_are_not_touched() {
     let probes = json!({"livenessProbe": {"exec": {"command": ["true"]}}});
