@@ -268,6 +268,21 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         .create(&pp, &service("data", "db", "10.96.0.20"))
         .await
         .unwrap();
+    // Found in review: a Service whose entry the sidecar rejects (an ExternalName Service on
+    // 53 over TCP and UDP lists the port twice) went into every registry, which then loaded
+    // nowhere. It is left out and reported; the rest is written.
+    let legacy_dns: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "legacy-dns", "namespace": "data"},
+        "spec": {"type": "ExternalName", "externalName": "dns.example.com", "ports": [
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            {"name": "dns-udp", "port": 53, "protocol": "UDP"}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), "data")
+        .create(&pp, &legacy_dns)
+        .await
+        .unwrap();
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
     slices.create(&pp, &slice(false)).await.unwrap();
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
@@ -308,8 +323,33 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     let hosts: Vec<&str> = snapshot.services().iter().map(|s| s.host()).collect();
     assert_eq!(
         hosts,
-        ["db.data.svc.cluster.local", "web.shop.svc.cluster.local"]
+        ["db.data.svc.cluster.local", "web.shop.svc.cluster.local"],
+        "legacy-dns is left out"
     );
+    let event = wait_for("the Event on the rejected Service", async || {
+        Api::<Event>::namespaced(client.clone(), "data")
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("legacy-dns"))
+    })
+    .await;
+    let regarding = event.regarding.unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("Service"));
+    assert_eq!(regarding.api_version.as_deref(), Some("v1"));
+    assert_eq!(event.reason.as_deref(), Some("InvalidConfig"));
+    let note = event.note.unwrap();
+    assert!(note.contains("duplicate port 53"), "{note}");
+    let monitoring = status.monitoring_addr().unwrap();
+    wait_for("the invalid Service counted", async || {
+        http_get(monitoring, "/metrics")
+            .await
+            .contains("isthmus_controller_invalid_resources{kind=\"Service\"} 1")
+            .then_some(())
+    })
+    .await;
     assert!(snapshot
         .service_port("10.96.0.10:80".parse().unwrap())
         .is_some());

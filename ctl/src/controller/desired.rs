@@ -167,11 +167,17 @@ pub fn assemble(
     registry: &[SourceFile],
 ) -> Result<Assembled, Vec<Issue>> {
     if candidates.is_empty() {
-        // Nothing of the namespace's to check: the registry alone is the registry's business.
-        return Ok(Assembled {
-            text: String::new(),
-            left_out: Vec::new(),
-        });
+        // The registry alone must load too (found in review: it was never checked, and a
+        // namespace without Istio objects got whatever the registry held).
+        let mut files = registry.to_vec();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        return match isthmus_config::load(&files) {
+            Ok(_) => Ok(Assembled {
+                text: String::new(),
+                left_out: Vec::new(),
+            }),
+            Err(e) => Err(issues(e)),
+        };
     }
     let mut kept: Vec<&IstioObject> = candidates.to_vec();
     let mut left_out = Vec::new();

@@ -13,6 +13,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 
 use super::istio::{api_version, Invalid, ObjectKey, Origin};
+use super::registry_check::SERVICE_KIND;
 
 /// The Event's reason.
 pub const INVALID_REASON: &str = "InvalidConfig";
@@ -78,8 +79,10 @@ pub fn notes(invalid: &[Invalid]) -> BTreeMap<(ObjectKey, Origin), String> {
                 note.push_str(": ");
             }
             note.push_str(&first.message);
-            if let Some(consumer) = &first.consumer {
-                note.push_str(&format!(" (in the config of namespace {consumer})"));
+            // Which importing namespace is not named: the note (the Event's identity) must not
+            // change as namespaces join or leave (found in review: a new Event each time).
+            if first.consumer.is_some() {
+                note.push_str(" (in the config of a namespace that imports it)");
             }
             if problems.len() > 1 {
                 note.push_str(&format!(" (and {} more)", problems.len() - 1));
@@ -100,7 +103,12 @@ pub fn notes(invalid: &[Invalid]) -> BTreeMap<(ObjectKey, Origin), String> {
 fn regarding(key: &ObjectKey, origin: &Origin) -> ObjectReference {
     match origin {
         Origin::Object { uid } => ObjectReference {
-            api_version: Some(api_version(&key.kind).into()),
+            // A Service whose registry entry the sidecar rejects is core/v1.
+            api_version: Some(if key.kind == SERVICE_KIND {
+                "v1".into()
+            } else {
+                api_version(&key.kind).into()
+            }),
             kind: Some(key.kind.clone()),
             namespace: Some(key.namespace.clone()),
             name: Some(key.name.clone()),
@@ -200,5 +208,20 @@ mod tests {
                 "vs.yaml: VirtualService shop/b: spec.tcp: bad"
             ]
         );
+    }
+
+    /// Found in review: the note named the first importing namespace, so a namespace joining
+    /// the mesh made a new Event for an unchanged problem.
+    #[test]
+    fn the_note_does_not_change_with_the_importing_namespaces() {
+        let object = Origin::Object { uid: None };
+        let conflict = |consumer: &str| Invalid {
+            consumer: Some(consumer.into()),
+            ..invalid("a", "spec.hosts", "shadowed", object.clone())
+        };
+        let before = notes(&[conflict("web")]);
+        let after = notes(&[conflict("api"), conflict("web"), conflict("zoo")]);
+        assert_eq!(before, after);
+        assert!(!before.values().next().unwrap().contains("web"));
     }
 }

@@ -32,6 +32,7 @@ pub mod istio;
 pub mod lease;
 mod reconcile;
 pub mod registry;
+pub mod registry_check;
 pub mod scope;
 mod serve;
 pub mod shards;

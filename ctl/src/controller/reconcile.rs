@@ -12,8 +12,9 @@ use isthmus_config::{Issue, SourceFile};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 
 use super::{
-    desired, events, istio, registry, scope, shards, split, state, write, Controller,
-    ResourceKindLabel, ResultLabel, Stores, Written, FIELD_MANAGER, MANAGED_BY_LABEL, ROUTING_KEY,
+    desired, events, istio, registry, registry_check, scope, shards, split, state, write,
+    Controller, ResourceKindLabel, ResultLabel, Stores, Written, FIELD_MANAGER, MANAGED_BY_LABEL,
+    ROUTING_KEY,
 };
 use crate::inject::STATUS_ANNOTATION;
 
@@ -32,6 +33,8 @@ impl Controller {
             &slices.iter().map(Arc::as_ref).collect::<Vec<_>>(),
             &pods.iter().map(Arc::as_ref).collect::<Vec<_>>(),
         );
+        // Entries a sidecar rejects never reach a registry; reported as invalid Services.
+        let (entries, rejected) = written.entry_checks.check(entries);
         metrics.services.set(entries.len() as i64);
         metrics.endpoints.set(
             entries
@@ -43,6 +46,7 @@ impl Controller {
             istio::collect(&stores.istio, &state(&stores.istio_config_maps));
         let (objects, unparsable) = desired::parse_each(objects);
         invalid.extend(unparsable);
+        invalid.extend(rejected);
         let managed = state(&stores.managed);
         let meshed = self.meshed(&pods);
         // Scoping and splitting (shards.rs): the Sidecars' egress hosts, each entry's shard key.
@@ -84,20 +88,22 @@ impl Controller {
             let routing = match assembled {
                 Ok(assembled) => {
                     invalid.extend(assembled.left_out);
-                    Some(assembled.text)
+                    assembled.text
                 }
                 Err(issues) => {
                     conflicts += 1;
                     if fresh {
                         let first = issues.first().map(ToString::to_string).unwrap_or_default();
                         tracing::error!(namespace = %ns, problems = issues.len(), first = %first,
-                            "the namespace's routing config does not compile with its registry: keeping the last one written");
+                            "the namespace's config does not load (a problem no Istio object is blamed for): keeping the last routing and registry written");
                     }
-                    Memory::last_routing(ns, &managed, &self.options.routing_config_map)
+                    // Found in review: a new registry was written beside the last routing even
+                    // when the set did not load; nothing a sidecar rejects is ever written.
+                    continue;
                 }
             };
             let files = write::NamespaceFiles {
-                routing: routing.map(|text| SourceFile::new(ROUTING_KEY, text)),
+                routing: Some(SourceFile::new(ROUTING_KEY, routing)),
                 registry,
                 trust_bundle: self.trust_bundle.clone(),
             };
@@ -131,6 +137,7 @@ impl Controller {
         let mut by_kind: BTreeMap<String, i64> = istio::KINDS
             .iter()
             .map(|(kind, _, _)| ((*kind).to_owned(), 0))
+            .chain([(registry_check::SERVICE_KIND.to_owned(), 0)])
             .collect();
         for (key, _) in events::notes(&invalid).keys() {
             *by_kind.entry(key.kind.clone()).or_default() += 1;
@@ -228,6 +235,8 @@ pub(super) struct Memory {
     /// When the next namespace's grace ends (the reconciler wakes for it).
     pub(super) gc_due: Option<Duration>,
     reporter: events::Reporter,
+    /// Each Service's entry checked alone, by its bytes.
+    entry_checks: registry_check::EntryChecks,
 }
 
 impl Memory {
@@ -257,21 +266,16 @@ impl Memory {
         let hash = isthmus_config::source::version_of(&inputs);
         let fresh = self.assembled.get(ns).is_none_or(|(h, _)| *h != hash);
         if fresh {
-            let result = desired::assemble(ns, candidates, registry);
+            // Without candidates the result is the registry's alone: namespaces seeing the same
+            // registry share one compile.
+            let shared = candidates
+                .is_empty()
+                .then(|| self.assembled.values().find(|(h, _)| *h == hash))
+                .flatten()
+                .map(|(_, result)| result.clone());
+            let result = shared.unwrap_or_else(|| desired::assemble(ns, candidates, registry));
             self.assembled.insert(ns.to_owned(), (hash, result));
         }
         (fresh, self.assembled[ns].1.clone())
-    }
-
-    /// The routing config last written to `ns`, as the cluster holds it.
-    fn last_routing(ns: &str, managed: &[Arc<ConfigMap>], name: &str) -> Option<String> {
-        managed
-            .iter()
-            .find(|cm| {
-                cm.metadata.namespace.as_deref() == Some(ns)
-                    && cm.metadata.name.as_deref() == Some(name)
-                    && is_managed(cm)
-            })
-            .and_then(|cm| cm.data.as_ref()?.get(ROUTING_KEY).cloned())
     }
 }

@@ -376,3 +376,17 @@ fn an_invalid_authorization_policy_is_left_out_with_its_field() {
     );
     assert!(!assembled.text.contains("bad-when") && assembled.text.contains("PeerAuthentication"));
 }
+
+/// Found in review: with no Istio objects `assemble` returned Ok without compiling, so a
+/// registry the sidecar rejects (two Services on one address) was written as it was.
+#[test]
+fn a_registry_that_does_not_load_fails_even_without_istio_objects() {
+    let mut files = registry();
+    files[0].text = files[0].text.replace("10.96.0.2", "10.96.0.1");
+    let issues = assemble("shop", &[], &files).expect_err("the registry alone does not load");
+    assert!(!issues.is_empty());
+    assert_eq!(
+        assemble("shop", &[], &registry()).ok().map(|a| a.text),
+        Some(String::new())
+    );
+}
