@@ -163,6 +163,14 @@ class Emulator(kmock.KubernetesEmulator):
         kind = RESOURCES.get(f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/"))
         doc["apiVersion"] = f"{resource.group}/{resource.version}".lstrip("/")
         doc["kind"] = f"{kind[0]}List" if kind else "List"
+        if "as=PartialObjectMetadataList" in request.headers.get("Accept", ""):
+            # A metadata-only list (kube-rs's Api<PartialObjectMeta<K>>), as the API server
+            # serves it. Watch events still carry whole objects: the client decodes metadata only.
+            doc["apiVersion"], doc["kind"] = "meta.k8s.io/v1", "PartialObjectMetadataList"
+            doc["items"] = [
+                {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": item.get("metadata", {})}
+                for item in doc.get("items", [])
+            ]
         return doc
 
     async def _proxy_to_pod(self, request):

@@ -50,6 +50,7 @@ use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -310,8 +311,9 @@ struct Stores {
     pods: Vec<Store<Pod>>,
     /// ConfigMaps labelled `isthmus.io/istio-config: "true"`: routing input.
     istio_config_maps: Vec<Store<ConfigMap>>,
-    /// The ConfigMaps this controller wrote: the last routing config, and what to delete.
-    managed: Vec<Store<ConfigMap>>,
+    /// The ConfigMaps this controller wrote, metadata only (shard counts, what to delete): with
+    /// up to 16 shards per namespace their data would fill the memory limit (found in review).
+    managed: Vec<Store<PartialObjectMeta<ConfigMap>>>,
     istio: Vec<istio::KindStores>,
 }
 
@@ -421,7 +423,8 @@ impl Controller {
                 &notify,
                 watcher::Config::default().labels(&format!("{ISTIO_CONFIG_LABEL}=true")),
             ),
-            managed: self.watch::<ConfigMap>(
+            // `Api<PartialObjectMeta<_>>` asks for metadata only (PartialObjectMetadataList).
+            managed: self.watch::<PartialObjectMeta<ConfigMap>>(
                 &self.options.namespaces,
                 "ConfigMap",
                 &notify,

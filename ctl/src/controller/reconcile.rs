@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_config::{Issue, SourceFile};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::core::PartialObjectMeta;
 
 use super::{
     desired, events, istio, registry, registry_check, scope, shards, split, state, write,
@@ -180,7 +181,7 @@ impl Controller {
     /// that replaces every pod must not lose its config). Returns false when a delete failed.
     async fn collect_garbage(
         &self,
-        managed: &[Arc<ConfigMap>],
+        managed: &[Arc<PartialObjectMeta<ConfigMap>>],
         meshed: &BTreeSet<String>,
         written: &mut Memory,
     ) -> bool {
@@ -214,7 +215,7 @@ impl Controller {
 
 /// Whether this controller wrote the ConfigMap (checked beside the watch's label selector:
 /// nothing else is ever deleted).
-fn is_managed(cm: &ConfigMap) -> bool {
+fn is_managed(cm: &PartialObjectMeta<ConfigMap>) -> bool {
     cm.metadata
         .labels
         .as_ref()

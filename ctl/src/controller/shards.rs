@@ -17,6 +17,7 @@ use isthmus_config::source::version_of;
 use isthmus_config::SourceFile;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 
 use super::scope::{Scope, SidecarEgress};
 use super::split::{self, Entry};
@@ -40,8 +41,12 @@ pub struct Report {
 }
 
 /// The shard count last written to a namespace, from shard 0's annotation among the managed
-/// ConfigMaps the controller watches.
-pub fn previous_shards(managed: &[Arc<ConfigMap>], ns: &str, base: &str) -> Option<usize> {
+/// ConfigMaps the controller watches (their metadata only).
+pub fn previous_shards(
+    managed: &[Arc<PartialObjectMeta<ConfigMap>>],
+    ns: &str,
+    base: &str,
+) -> Option<usize> {
     managed
         .iter()
         .find(|cm| {
