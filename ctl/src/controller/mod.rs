@@ -167,8 +167,8 @@ pub struct Status {
 }
 
 impl Status {
-    /// True once every watcher listed its objects and the first reconcile wrote (or found
-    /// current) every namespace's registry.
+    /// True once every watcher listed its objects and the first reconcile ran (its failed
+    /// writes are retried and counted, not held against readiness).
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
