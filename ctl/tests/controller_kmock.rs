@@ -524,6 +524,35 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
     assert_eq!(restored.data, registry3.data);
     assert_eq!(status.writes(), 6);
 
+    // 7. Found in review: a hand edit of the data that leaves the hash annotations was never
+    //    repaired. The resync compares the data there, routing and registry alike.
+    let routing_before = config_maps.get("isthmus-config").await.unwrap();
+    for (name, key) in [
+        ("isthmus-registry", REGISTRY_KEY),
+        ("isthmus-config", ROUTING_KEY),
+    ] {
+        config_maps
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {key: "{}\n"}})),
+            )
+            .await
+            .unwrap();
+    }
+    let repaired = wait_for("the edited ConfigMaps repaired", async || {
+        let registry = config_maps.get("isthmus-registry").await.unwrap();
+        let routing = config_maps.get("isthmus-config").await.unwrap();
+        (registry.data == registry3.data && routing.data == routing_before.data).then_some(registry)
+    })
+    .await;
+    assert_eq!(repaired.data, registry3.data);
+    assert_eq!(
+        status.writes(),
+        8,
+        "exactly the two edited ConfigMaps rewritten"
+    );
+
     controller.stop().await;
 }
 

@@ -82,13 +82,15 @@ impl Controller {
         }) {
             return Ok(desired);
         }
-        self.write_registry(ns, &files.registry, &desired.version)
+        // Without a memory of what was written (start, resync) the data there is checked too.
+        self.write_registry(ns, &files.registry, &desired.version, previous.is_none())
             .await?;
         Ok(desired)
     }
 
-    /// Writes one ConfigMap with server-side apply — unless what is there already carries the
-    /// desired annotations (content hashes: a restarted controller rewrites nothing).
+    /// Writes one ConfigMap with server-side apply — unless what is there already holds the
+    /// desired data and annotations (a restarted controller rewrites nothing; a hand edit of
+    /// the data that left the hash annotation is repaired — found in review).
     pub(super) async fn apply_config_map(
         &self,
         ns: &str,
@@ -107,9 +109,15 @@ impl Controller {
             configmap: name.to_owned(),
         };
         let metrics = &self.status.metrics;
-        if annotations
+        // Our keys only: a key someone else added is theirs under server-side apply.
+        let there = current.as_ref().and_then(|cm| cm.data.as_ref());
+        let data_there = data
             .iter()
-            .all(|(k, v)| current_annotations.and_then(|a| a.get(k)) == Some(v))
+            .all(|(k, v)| there.and_then(|d| d.get(k)) == Some(v));
+        if data_there
+            && annotations
+                .iter()
+                .all(|(k, v)| current_annotations.and_then(|a| a.get(k)) == Some(v))
         {
             metrics.configmap_bytes.get_or_create(&labels).set(bytes);
             return Ok(());
