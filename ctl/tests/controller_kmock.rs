@@ -268,15 +268,16 @@ async fn registry_configmap_follows_services_endpoints_and_pods() {
         .create(&pp, &service("data", "db", "10.96.0.20"))
         .await
         .unwrap();
-    // Found in review: a Service whose entry the sidecar rejects (an ExternalName Service on
-    // 53 over TCP and UDP lists the port twice) went into every registry, which then loaded
-    // nowhere. It is left out and reported; the rest is written.
+    // Found in review: a Service whose entry the sidecar rejects went into every registry,
+    // which then loaded nowhere. It is left out and reported; the rest is written. (Port 53
+    // twice over TCP: a real API server refuses this Service, kmock does not — it stands for
+    // any entry the sidecar rejects.)
     let legacy_dns: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "legacy-dns", "namespace": "data"},
         "spec": {"type": "ExternalName", "externalName": "dns.example.com", "ports": [
-            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
-            {"name": "dns-udp", "port": 53, "protocol": "UDP"}]},
+            {"name": "dns-a", "port": 53, "protocol": "TCP"},
+            {"name": "dns-b", "port": 53, "protocol": "TCP"}]},
     }))
     .unwrap();
     Api::<Service>::namespaced(client.clone(), "data")

@@ -280,7 +280,13 @@ fn external_name(
     if external.is_empty() {
         return None;
     }
-    let ports: Vec<Value> = spec.ports.iter().flatten().filter_map(entry_port).collect();
+    let ports: Vec<Value> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| is_tcp(&p.protocol))
+        .filter_map(entry_port)
+        .collect();
     Some(document(
         ns,
         name,

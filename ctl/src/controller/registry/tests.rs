@@ -240,3 +240,25 @@ fn kube_dns_loads_in_a_sidecar_its_udp_ports_left_out() {
     )]);
     assert!(snapshot.is_ok(), "a sidecar loads it: {snapshot:?}");
 }
+
+/// An ExternalName Service on 53 over TCP and UDP (an external DNS server) is a valid Service:
+/// its entry keeps the TCP port only and loads.
+#[test]
+fn an_external_name_on_tcp_and_udp_keeps_its_tcp_port_and_loads() {
+    let dns = service(json!({
+        "metadata": {"name": "legacy-dns", "namespace": "data"},
+        "spec": {"type": "ExternalName", "externalName": "dns.example.com", "ports": [
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            {"name": "dns-udp", "port": 53, "protocol": "UDP"}]},
+    }));
+    let text = registry_json(&[&dns], &[], &[]);
+    assert_eq!(
+        entries(&text)[0]["spec"]["ports"],
+        json!([{"number": 53, "name": "dns-tcp"}])
+    );
+    let snapshot = isthmus_config::load(&[isthmus_config::SourceFile::new(
+        crate::controller::REGISTRY_KEY,
+        text,
+    )]);
+    assert!(snapshot.is_ok(), "{snapshot:?}");
+}
