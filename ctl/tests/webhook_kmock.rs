@@ -349,12 +349,14 @@ async fn holder_of(leases: &Api<Lease>, name: &str) -> Option<String> {
     leases.get_opt(name).await.unwrap()?.spec?.holder_identity
 }
 
-async fn create_service(client: &Client, name: &str) {
+/// A Service with its own cluster IP, as the API server allocates them: two Services on one
+/// VIP and port make a registry no sidecar loads, which the controller refuses to write.
+async fn create_service(client: &Client, name: &str, cluster_ip: &str) {
     let services: Api<Service> = Api::namespaced(client.clone(), "shop");
     let service: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]},
+        "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80}]},
     }))
     .unwrap();
     services
@@ -401,7 +403,7 @@ async fn takeover(
 
     // A change while both run: the leader writes it, the follower nothing.
     let before = first.writes();
-    create_service(&client, "web").await;
+    create_service(&client, "web", "10.96.0.10").await;
     wait_for(
         "the leader to write the new service",
         Duration::from_secs(20),
@@ -420,7 +422,7 @@ async fn takeover(
 
     stop(stop_first, first_task).await;
     let stopped = Instant::now();
-    create_service(&client, "api").await;
+    create_service(&client, "api", "10.96.0.11").await;
     wait_for(
         "replica-b to lead and write",
         within + Duration::from_secs(5),
