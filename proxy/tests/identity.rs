@@ -464,7 +464,8 @@ fn the_certificate_is_renewed_at_half_life_with_the_token_read_again() {
     assert!(seen.len() >= 2);
     let gap = seen[1].at - seen[0].at;
     // Half the life left at issuance (4 s less the seconds X.509 truncates), brought forward
-    // by at most a tenth, plus the request's own time.
+    // by at most a tenth, plus the request's own time (key generation and a handshake: up to a
+    // second on a loaded CI machine) — still well before the 4 s expiry.
     let half = seen[0]
         .not_after
         .unwrap()
@@ -473,7 +474,7 @@ fn the_certificate_is_renewed_at_half_life_with_the_token_read_again() {
         / 2;
     assert!(
         gap >= half.mul_f64(0.9) - Duration::from_millis(100)
-            && gap < half + Duration::from_millis(700),
+            && gap < half + Duration::from_millis(1500),
         "renewed {gap:?} after issuance, half-life {half:?}"
     );
     assert_eq!(seen[0].token, "token-1");
