@@ -6,8 +6,8 @@
 //! Events, and the test reads them back and loads them as a sidecar would.
 //! Skipped, with the reason, where no Python with kmock is found (scripts/setup-kmock.sh).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,111 +20,14 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde_json::{json, Value};
-
-/// Records the test as skipped for scripts/test.sh's summary, as `isthmus_tests::skip` does
-/// (that crate depends on isthmus-ctl: a dev-dependency back would build isthmus-ctl twice).
-fn skip(reason: &str) {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("unnamed")
-        .to_owned();
-    eprintln!("SKIPPED {test}: {reason}");
-    if let Some(log) = std::env::var_os("ISTHMUS_SKIP_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{test}: {reason}");
-        }
-    }
-}
-
-/// The Python that has kmock: `$ISTHMUS_KMOCK_PYTHON`, the venv scripts/setup-kmock.sh makes
-/// under target/, or `python3`.
-fn kmock_python() -> Option<String> {
-    let venv = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/kmock-venv/bin/python"
-    );
-    let candidates = std::env::var("ISTHMUS_KMOCK_PYTHON")
-        .ok()
-        .into_iter()
-        .chain([venv.to_owned(), "python3".to_owned()]);
-    candidates.into_iter().find(|python| {
-        Command::new(python)
-            .args(["-c", "import kmock"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
-/// The emulator process; killed on drop.
-struct Kmock {
-    child: Child,
-    port: u16,
-}
-
-impl Kmock {
-    /// An API server without the resources named (comma-separated, as in RESOURCES): a CRD
-    /// that is not installed.
-    fn start(python: &str, without: &str) -> Kmock {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock_apiserver.py");
-        let mut child = Command::new(python)
-            .arg(script)
-            .env("KMOCK_WITHOUT", without)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting kmock");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Ok(port) = line.trim().parse() else {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("kmock did not start: {line:?} {err}");
-        };
-        Kmock { child, port }
-    }
-
-    async fn client(&self) -> Client {
-        let kubeconfig = Kubeconfig::from_yaml(&format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: kmock, cluster: {{server: \"http://127.0.0.1:{}\"}}}}]\n\
-             users: [{{name: test, user: {{}}}}]\ncontexts: [{{name: kmock, context: {{cluster: kmock, user: test}}}}]\n\
-             current-context: kmock\n",
-            self.port
-        ))
-        .unwrap();
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .unwrap();
-        Client::try_from(config).unwrap()
-    }
-}
-
-impl Drop for Kmock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::kmock::Kmock;
 
 /// kmock without the resources named (comma-separated, as in RESOURCES) and a client of it;
 /// `None`, with the test recorded as skipped, where no Python has kmock.
 async fn start_kmock(without: &str) -> Option<(Kmock, Client)> {
-    let Some(python) = kmock_python() else {
-        skip("no Python with kmock (run scripts/setup-kmock.sh, or set ISTHMUS_KMOCK_PYTHON)");
-        return None;
-    };
-    let kmock = Kmock::start(&python, without);
+    let kmock = Kmock::start_without_or_skip(without)?;
     let client = kmock.client().await;
     Some((kmock, client))
 }

@@ -1,5 +1,7 @@
 //! kmock, the Kubernetes API emulator (`kmock_apiserver.py` says what it emulates), as a child
 //! process with a kube-rs client, and the skip record for machines without it.
+// Each test binary uses a part.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -54,6 +56,12 @@ pub struct Kmock {
 impl Kmock {
     /// Starts kmock, or records the test as skipped and returns `None`.
     pub fn start_or_skip() -> Option<Kmock> {
+        Self::start_without_or_skip("")
+    }
+
+    /// As [`Kmock::start_or_skip`], without the resources named (comma-separated, as in the
+    /// script's RESOURCES): a CRD that is not installed.
+    pub fn start_without_or_skip(without: &str) -> Option<Kmock> {
         let Some(python) = python() else {
             skip("no Python with kmock (run scripts/setup-kmock.sh, or set ISTHMUS_KMOCK_PYTHON)");
             return None;
@@ -65,6 +73,7 @@ impl Kmock {
         );
         let mut child = Command::new(python)
             .arg(script)
+            .env("KMOCK_WITHOUT", without)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
